@@ -1,0 +1,105 @@
+"""Every jaxsft knob, documented once. Run configs import this and override what they need.
+
+    python -m jaxsft.main --config configs/RUN.py --config.train.learning_rate=1e-4
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # Everything the run writes goes here: config.json, data_report.json, metrics.jsonl,
+    # checkpoints/, hf/, adapter/, tensorboard/, loss.png. Re-running with the same run_dir resumes.
+    c.run_dir = "runs/default"
+
+    c.model = ml_collections.ConfigDict()
+    # Local HF checkpoint directory: config.json, *.safetensors (+ index), tokenizer files.
+    c.model.path = ""
+    # Compute dtype of activations and matmuls; logits and the loss are always float32.
+    c.model.dtype = "bfloat16"
+    # Master-weight dtype (optimizer updates happen in this dtype).
+    c.model.param_dtype = "float32"
+    # Rematerialisation per layer: "none" (keep all activations), "full" (recompute the layer),
+    # "dots" (save matmul outputs without batch dims, recompute the rest).
+    c.model.remat = "none"
+    # Attention kernel: "auto" (cudnn on GPU, xla elsewhere), "xla", "cudnn".
+    c.model.attention = "auto"
+
+    c.data = ml_collections.ConfigDict()
+    # A file or directory (JSONL, JSON, Parquet, saved `datasets` dataset), or a list of
+    # {"path": ..., "weight": ...} dicts for weighted mixing (weights are relative shares).
+    c.data.train = ""
+    # Same forms as data.train; "" means no eval set.
+    c.data.eval = ""
+    # Tokens per row; longer examples are truncated keeping the start.
+    c.data.max_length = 2048
+    # Pack several examples per row (best-fit-decreasing, segment-isolated attention).
+    c.data.packing = True
+    # "error": an invalid row stops the start naming file and line; "skip": drop and report it.
+    c.data.on_invalid = "error"
+    # Number of rendered examples `python -m jaxsft.data check --show` prints by default.
+    c.data.show = 0
+
+    c.train = ml_collections.ConfigDict()
+    # Run length in optimizer steps; 0 means derive it from num_epochs (steps win when both set).
+    c.train.max_steps = 0
+    c.train.num_epochs = 1.0
+    # Global rows per optimizer step (all hosts, all micro-batches) and micro-batches per step.
+    c.train.batch_size = 8
+    c.train.grad_accum = 1
+    # Peak learning rate, linear warmup share of the run, cosine decay to peak * end_lr_ratio.
+    c.train.learning_rate = 2e-5
+    c.train.warmup_ratio = 0.03
+    c.train.end_lr_ratio = 0.1
+    # AdamW: decoupled weight decay (not applied to norms, biases or embeddings), betas, eps.
+    c.train.weight_decay = 0.0
+    c.train.b1 = 0.9
+    c.train.b2 = 0.999
+    c.train.eps = 1e-8
+    # Global-norm gradient clipping; 0 disables it.
+    c.train.max_grad_norm = 1.0
+    c.train.seed = 0
+    # Tokens per chunk of the chunked cross-entropy (bounds the [tokens x vocab] logits buffer).
+    c.train.loss_chunk = 2048
+    # Beta of KL(fine-tuned || base) on supervised tokens; 0 disables it.
+    c.train.kl_to_base = 0.0
+    # Intervals in optimizer steps; 0 disables eval/saving except at the end of the run.
+    c.train.log_every = 10
+    c.train.eval_every = 0
+    c.train.save_every = 0
+    # Checkpoints to keep.
+    c.train.keep_checkpoints = 2
+    # Evaluate held-out loss (and golden set) before the first step.
+    c.train.eval_at_start = True
+
+    c.lora = ml_collections.ConfigDict()
+    # Rank 0 means full fine-tuning.
+    c.lora.rank = 0
+    c.lora.alpha = 16.0
+    # Modules that get adapters (names of the HF linear layers).
+    c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # rsLoRA scales by alpha / sqrt(rank) instead of alpha / rank.
+    c.lora.rslora = False
+
+    c.mesh = ml_collections.ConfigDict()
+    # Mesh shape over all devices of all hosts; -1 takes the remaining devices.
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.mesh.tensor = 1
+
+    c.eval = ml_collections.ConfigDict()
+    # Golden set (JSONL with messages + expected), scored by generation before and after training.
+    c.eval.golden = ""
+    # Multiple-choice regression file (question, choices, answer), scored by log-likelihood.
+    c.eval.mc = ""
+    c.eval.max_new_tokens = 64
+    c.eval.max_rows = 0
+
+    c.export = ml_collections.ConfigDict()
+    # "merged", "peft" (LoRA runs), "both" or "none"; written when training ends.
+    c.export.format = "merged"
+    # "source" keeps the source checkpoint's dtype; "bfloat16" / "float32" force one.
+    c.export.dtype = "source"
+    # Shard size above which the merged safetensors are split (bytes).
+    c.export.max_shard_bytes = 5 * 1024**3
+    return c

@@ -1,0 +1,24 @@
+"""jaxsft: supervised fine-tuning of Llama/Qwen/Mistral models in JAX/Flax.
+
+    model, cfg = jaxsft.load_hf(path, dtype="float32")
+    logits = model(input_ids)                    # [B, T, V]
+    rendered = jaxsft.data.render(tokenizer, example)
+    texts = jaxsft.generate(model, tokenizer, conversations, max_new_tokens=64)
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+__all__ = ["load_hf", "generate", "data", "ModelConfig"]
+
+
+def __getattr__(name):  # lazy: `import jaxsft` stays cheap and does not import jax
+    if name == "load_hf":
+        return import_module("jaxsft.hf_io").load_hf
+    if name == "ModelConfig":
+        return import_module("jaxsft.models.config").ModelConfig
+    if name == "generate":
+        return import_module("jaxsft.sample").generate
+    if name == "data":
+        return import_module("jaxsft.data")
+    raise AttributeError(f"module 'jaxsft' has no attribute {name!r}")

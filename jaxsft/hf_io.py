@@ -1,0 +1,254 @@
+"""HF safetensors <-> jaxsft parameters, through one table used by import and export alike.
+
+Import streams tensor by tensor: each parameter is built with `jax.make_array_from_callback`,
+whose callback reads only the slice a device needs (safetensors slices), so host memory never
+holds a second full copy of the model and each host reads only its own shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from jaxsft.errors import UserError
+from jaxsft.models.config import ModelConfig
+from jaxsft.models.lora import LoraConfig, LoRAParam
+from jaxsft.models.transformer import Transformer
+from jaxsft.sharding import named_sharding
+
+# Keys some checkpoints carry that hold no parameter of the model.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One HF tensor family: `hf_key` (with {i} for the layer) <-> state `path`."""
+
+    hf_key: str
+    path: tuple[str, ...]
+    transpose: bool  # HF nn.Linear weight [out, in] vs kernel [in, out]
+    stacked: bool  # one HF tensor per layer, stacked on axis 0 here
+
+
+def weight_table(cfg: ModelConfig) -> list[Entry]:
+    """Every HF tensor of a checkpoint of this config, in file order."""
+    table = [Entry("model.embed_tokens.weight", ("embed_tokens", "embedding"), False, False)]
+    layer = "model.layers.{i}."
+
+    def add(hf, path, transpose=False):
+        table.append(Entry(layer + hf, ("layers", *path), transpose, True))
+
+    for name, _norm in (("input_layernorm", True), ("post_attention_layernorm", True)):
+        add(f"{name}.weight", (name, "scale"))
+    for proj, bias in (("q_proj", cfg.qkv_bias), ("k_proj", cfg.qkv_bias),
+                       ("v_proj", cfg.qkv_bias), ("o_proj", cfg.o_bias)):
+        add(f"self_attn.{proj}.weight", ("self_attn", proj, "kernel"), True)
+        if bias:
+            add(f"self_attn.{proj}.bias", ("self_attn", proj, "bias"))
+    if cfg.qk_norm:
+        add("self_attn.q_norm.weight", ("self_attn", "q_norm", "scale"))
+        add("self_attn.k_norm.weight", ("self_attn", "k_norm", "scale"))
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        add(f"mlp.{proj}.weight", ("mlp", proj, "kernel"), True)
+        if cfg.mlp_bias:
+            add(f"mlp.{proj}.bias", ("mlp", proj, "bias"))
+    table.append(Entry("model.norm.weight", ("norm", "scale"), False, False))
+    if not cfg.tie_word_embeddings:
+        table.append(Entry("lm_head.weight", ("lm_head", "kernel"), True, False))
+    return table
+
+
+def hf_keys(entry: Entry, num_layers: int) -> list[str]:
+    return [entry.hf_key.format(i=i) for i in range(num_layers)] if entry.stacked else [
+        entry.hf_key]
+
+
+def abstract_model(cfg: ModelConfig, *, dtype="bfloat16", param_dtype="float32",
+                   lora: LoraConfig | None = None, remat="none", attention_impl="auto"):
+    """The model with ShapeDtypeStruct leaves (no memory)."""
+    return nnx.eval_shape(lambda: Transformer(
+        cfg, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype), lora=lora,
+        remat=remat, attention_impl=attention_impl, rngs=nnx.Rngs(0)))
+
+
+def load_hf(path, dtype="float32", param_dtype="float32", *, mesh=None,
+            lora: LoraConfig | None = None, remat="none", attention_impl="auto", seed=0):
+    """Load a local HF checkpoint directory -> (Transformer, ModelConfig).
+
+    `dtype` is the compute dtype, `param_dtype` the dtype weights are held in. With a mesh,
+    every parameter is placed with its logical-axis sharding; LoRA adapters (if `lora`) are
+    freshly initialised (A uniform, B zero, as PEFT does).
+    """
+    path = os.fspath(path)
+    cfg = ModelConfig.from_hf(path)
+    model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora, remat=remat,
+                           attention_impl=attention_impl)
+    graphdef, state = nnx.split(model)
+    devices = mesh if mesh is not None else _single_device_mesh()
+    with SafetensorsReader(path) as reader:
+        for entry in weight_table(cfg):
+            var = _variable(state, entry.path)
+            var.set_value(_load_entry(reader, entry, var, cfg, devices))
+        reader.check_all_used()
+    key = jax.random.key(seed)
+    for i, (p, var) in enumerate(sorted(nnx.to_flat_state(state.filter(LoRAParam)))):
+        var.set_value(_init_adapter(jax.random.fold_in(key, i), p, var, devices))
+    return nnx.merge(graphdef, state), cfg
+
+
+def _single_device_mesh():
+    from jaxsft.sharding import make_mesh
+
+    return make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
+
+
+def _variable(state, path):
+    node = state
+    for p in path:
+        node = node[p]
+    return node
+
+
+def _sharding(var, mesh):
+    names = var.get_metadata().get("out_sharding")
+    return named_sharding(mesh, names, var.value.shape)
+
+
+def _load_entry(reader, entry: Entry, var, cfg: ModelConfig, mesh):
+    shape = tuple(var.value.shape)
+    dtype = var.value.dtype
+    keys = hf_keys(entry, cfg.num_layers)
+    want = shape[1:] if entry.stacked else shape
+    want_hf = want[::-1] if entry.transpose else want
+    for k in keys:
+        got = reader.shape(k)
+        if tuple(got) != tuple(want_hf):
+            raise UserError(
+                f"tensor {k!r} has shape {list(got)}, the config implies {list(want_hf)}",
+                where=reader.file_of(k), hint="config.json and the weights do not match",
+            )
+
+    def read(k, index):  # index: tuple of slices over the jaxsft (un-stacked) shape
+        hf_index = index[::-1] if entry.transpose else index
+        arr = reader.slice(k, hf_index)
+        return (arr.T if entry.transpose else arr).astype(dtype)
+
+    def callback(index):
+        if not entry.stacked:
+            return read(keys[0], index)
+        layers = range(*index[0].indices(cfg.num_layers))
+        out = None
+        for j, layer in enumerate(layers):
+            a = read(keys[layer], index[1:])
+            if out is None:
+                out = np.empty((len(layers), *a.shape), dtype)
+            out[j] = a
+        return out
+
+    return jax.make_array_from_callback(shape, _sharding(var, mesh), callback)
+
+
+def _init_adapter(key, path, var, mesh):
+    shape, dtype = var.value.shape, var.value.dtype
+    sharding = _sharding(var, mesh)
+    if path[-1] == "lora_b":
+        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+    bound = 1.0 / np.sqrt(shape[-2])  # fan-in of lora_a [L, in, r]
+    return jax.jit(lambda k: jax.random.uniform(k, shape, dtype, -bound, bound),
+                   out_shardings=sharding)(key)
+
+
+class SafetensorsReader(contextlib.AbstractContextManager):
+    """All tensors of a checkpoint directory (single file or sharded with an index)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        files = self._files(path)
+        self._stack = contextlib.ExitStack()
+        self._handles = {}
+        self._where = {}
+        for f in files:
+            try:
+                h = self._stack.enter_context(safe_open(f, framework="np"))
+            except Exception as e:  # noqa: BLE001 - corrupt file: tell the user which one
+                self._stack.close()
+                raise UserError(f"cannot read safetensors file: {e}", where=f) from None
+            for k in h.keys():
+                if k.endswith(IGNORED_SUFFIXES):
+                    continue
+                self._where[k] = f
+                self._handles[k] = h
+        self._used: set[str] = set()
+
+    @staticmethod
+    def _files(path: str) -> list[str]:
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+            files = [os.path.join(path, n) for n in names]
+            missing = [f for f in files if not os.path.isfile(f)]
+            if missing:
+                raise UserError(f"weight file {missing[0]!r} listed in the index is missing",
+                                where=index)
+            return files
+        files = sorted(os.path.join(path, n) for n in os.listdir(path)
+                       if n.endswith(".safetensors"))
+        if not files:
+            bins = [n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth"))]
+            hint = ("convert the pickle weights to safetensors first; jaxsft never loads pickle"
+                    if bins else "model.path must hold *.safetensors weights")
+            raise UserError("no *.safetensors weights", where=path, hint=hint)
+        return files
+
+    def __exit__(self, *exc):
+        self._stack.close()
+        return False
+
+    def file_of(self, key: str) -> str:
+        return self._where.get(key, self.path)
+
+    def _get(self, key: str):
+        if key not in self._handles:
+            raise UserError(f"missing tensor {key!r}", where=self.path,
+                            hint="the checkpoint does not match its config.json")
+        self._used.add(key)
+        return self._handles[key]
+
+    def shape(self, key: str) -> list[int]:
+        return self._get(key).get_slice(key).get_shape()
+
+    def slice(self, key: str, index) -> np.ndarray:
+        return self._get(key).get_slice(key)[tuple(index)]
+
+    def check_all_used(self, optional=("lm_head.weight",)):
+        extra = sorted(set(self._where) - self._used - set(optional))
+        if extra:
+            raise UserError(f"unexpected tensor {extra[0]!r} ({len(extra)} unused in all)",
+                            where=self.file_of(extra[0]),
+                            hint="the checkpoint has weights this architecture does not use")
+
+
+def hf_tensors(state, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray, Entry]]:
+    """(HF key, host array in HF layout, entry) for every tensor of the table, one at a time."""
+    for entry in weight_table(cfg):
+        value = _variable(state, entry.path)
+        value = value.value if hasattr(value, "value") else value
+        if entry.stacked:
+            for i, key in enumerate(hf_keys(entry, cfg.num_layers)):
+                arr = np.asarray(jax.device_get(value[i]))
+                yield key, (arr.T if entry.transpose else arr), entry
+        else:
+            arr = np.asarray(jax.device_get(value))
+            yield entry.hf_key, (arr.T if entry.transpose else arr), entry

@@ -1,0 +1,88 @@
+"""Weight-holding modules: Linear (with optional LoRA), RMSNorm, Embed.
+
+Each parameter carries logical axis names (`sharding_names`) that jaxsft.sharding maps onto
+the mesh. Matmuls take compute-dtype inputs and accumulate in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxsft.models.lora import LoraConfig, LoRAParam
+
+INIT_STD = 0.02
+
+
+def _param(rngs, shape, names, dtype, init="normal", kind=nnx.Param):
+    if init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "uniform_fan_in":  # PEFT's kaiming_uniform(a=sqrt(5)) on lora_A
+        bound = 1.0 / jnp.sqrt(shape[0])
+        value = jax.random.uniform(rngs.params(), shape, dtype, -bound, bound)
+    else:
+        value = (INIT_STD * jax.random.normal(rngs.params(), shape)).astype(dtype)
+    return kind(value, sharding_names=names, eager_sharding=False)
+
+
+def matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """x [..., i] @ w [i, o] in compute dtype with float32 accumulation."""
+    y = jnp.einsum("...i,io->...o", x.astype(dtype), w.astype(dtype),
+                   preferred_element_type=jnp.float32)
+    return y.astype(dtype)
+
+
+class Linear(nnx.Module):
+    """y = x W (+ b) (+ scale * x A B). kernel [in, out] (the transpose of HF's weight)."""
+
+    def __init__(self, d_in, d_out, names, *, bias=False, lora: LoraConfig | None = None,
+                 dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.kernel = _param(rngs, (d_in, d_out), names, param_dtype)
+        self.bias = _param(rngs, (d_out,), names[1:], param_dtype, "zeros") if bias else None
+        self.lora_scale = lora.scale if lora else 0.0
+        if lora:
+            r = lora.rank
+            self.lora_a = _param(rngs, (d_in, r), (names[0], "lora_rank"), param_dtype,
+                                 "uniform_fan_in", LoRAParam)
+            self.lora_b = _param(rngs, (r, d_out), ("lora_rank", names[1]), param_dtype,
+                                 "zeros", LoRAParam)
+        else:
+            self.lora_a = self.lora_b = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = matmul(x, self.kernel[...], self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:
+            delta = matmul(matmul(x, self.lora_a[...], self.dtype), self.lora_b[...], self.dtype)
+            y = y + (self.lora_scale * delta).astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, normalised in float32 (as HF does)."""
+
+    def __init__(self, dim, eps, names=("norm",), *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = _param(rngs, (dim,), names, param_dtype, "ones")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding [V, D]."""
+
+    def __init__(self, vocab, dim, *, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = _param(rngs, (vocab, dim), ("vocab", "embed"), param_dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)

@@ -1,0 +1,88 @@
+"""Rotary position embeddings: inverse frequencies per rope type, and their application.
+
+Pure functions. Frequencies follow transformers' `modeling_rope_utils` for the types the
+decoder supports (default, linear, llama3, yarn), so logits match HF checkpoints exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def inv_frequencies(
+    head_dim: int, theta: float, scaling: dict | None, max_position_embeddings: int
+) -> tuple[np.ndarray, float]:
+    """([H/2] inverse frequencies float64, attention factor applied to cos and sin)."""
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    rope_type = (scaling or {}).get("rope_type", "default")
+    if rope_type == "default":
+        return inv, 1.0
+    if rope_type == "linear":
+        return inv / scaling["factor"], 1.0
+    if rope_type == "llama3":
+        return _llama3(inv, scaling), 1.0
+    if rope_type == "yarn":
+        return _yarn(head_dim, theta, scaling, max_position_embeddings)
+    raise ValueError(f"unsupported rope type {rope_type!r}")
+
+
+def _llama3(inv: np.ndarray, s: dict) -> np.ndarray:
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled)
+
+
+def _yarn(dim: int, base: float, s: dict, max_pos: int) -> tuple[np.ndarray, float]:
+    orig = s.get("original_max_position_embeddings") or max_pos
+    factor = s.get("factor") or max_pos / orig
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attn = s.get("attention_factor")
+    if attn is None:
+        if s.get("mscale") and s.get("mscale_all_dim"):
+            attn = mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"])
+        else:
+            attn = mscale(factor)
+    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    inv = (1 / (factor * pos_freqs)) * (1 - extrapolation) + (1 / pos_freqs) * extrapolation
+    return inv, float(attn)
+
+
+def rope_tables(positions: jnp.ndarray, inv_freq: np.ndarray, attn_factor: float):
+    """cos, sin of shape [B, T, H] (float32) for integer positions [B, T]."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles) * attn_factor, jnp.sin(angles) * attn_factor
+
+
+def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+    """Rotate x [B, T, heads, H] by cos/sin [B, T, H] (HF's rotate_half convention)."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    out = x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin
+    return out.astype(x.dtype)

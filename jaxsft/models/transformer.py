@@ -1,0 +1,210 @@
+"""The one decoder for Llama 3.x, Qwen2/2.5, Qwen3 and Mistral.
+
+Families differ only by ModelConfig flags (q/k/v bias, q/k norm, head_dim, rope scaling, tied
+embeddings, sliding window). Layers are created stacked (leading axis L) and run under
+jax.lax.scan, so compile time does not grow with depth. State paths mirror HF module names:
+`layers.self_attn.q_proj.kernel` is the stacked transpose of
+`model.layers.{i}.self_attn.q_proj.weight`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxsft.models import attention
+from jaxsft.models.config import ModelConfig
+from jaxsft.models.layers import Embed, Linear, RMSNorm
+from jaxsft.models.lora import LoraConfig
+from jaxsft.models.rope import apply_rope, inv_frequencies, rope_tables
+from jaxsft.sharding import constrain
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, lora, dtype, param_dtype, rngs):
+        D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        def lora_for(name):
+            return lora if lora and lora.applies_to(name) else None
+
+        self.q_proj = Linear(D, N * H, ("embed", "q_heads"), bias=cfg.qkv_bias,
+                             lora=lora_for("q_proj"), **kw)
+        self.k_proj = Linear(D, K * H, ("embed", "kv_heads"), bias=cfg.qkv_bias,
+                             lora=lora_for("k_proj"), **kw)
+        self.v_proj = Linear(D, K * H, ("embed", "kv_heads"), bias=cfg.qkv_bias,
+                             lora=lora_for("v_proj"), **kw)
+        self.o_proj = Linear(N * H, D, ("q_heads", "embed"), bias=cfg.o_bias,
+                             lora=lora_for("o_proj"), **kw)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(H, cfg.rms_norm_eps, ("head_dim",), param_dtype=param_dtype,
+                                  rngs=rngs)
+            self.k_norm = RMSNorm(H, cfg.rms_norm_eps, ("head_dim",), param_dtype=param_dtype,
+                                  rngs=rngs)
+        else:
+            self.q_norm = self.k_norm = None
+        self.shape = (N, K, H)
+
+    def qkv(self, x, cos, sin):
+        """x [B, T, D] -> q [B, T, N, H], k, v [B, T, K, H] with RoPE applied."""
+        B, T, _ = x.shape
+        N, K, H = self.shape
+        q = self.q_proj(x).reshape(B, T, N, H)
+        k = self.k_proj(x).reshape(B, T, K, H)
+        v = self.v_proj(x).reshape(B, T, K, H)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, lora, dtype, param_dtype, rngs):
+        D, F = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        def lora_for(name):
+            return lora if lora and lora.applies_to(name) else None
+
+        self.gate_proj = Linear(D, F, ("embed", "mlp"), lora=lora_for("gate_proj"), **kw)
+        self.up_proj = Linear(D, F, ("embed", "mlp"), lora=lora_for("up_proj"), **kw)
+        self.down_proj = Linear(F, D, ("mlp", "embed"), lora=lora_for("down_proj"), **kw)
+
+    def __call__(self, x):
+        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(constrain(h, "batch", None, "mlp"))
+
+
+class Block(nnx.Module):
+    """One pre-norm decoder layer."""
+
+    def __init__(self, cfg: ModelConfig, lora, dtype, param_dtype, rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
+                                       param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = Attention(cfg, lora, dtype, param_dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
+                                                param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MLP(cfg, lora, dtype, param_dtype, rngs)
+
+    def __call__(self, x, cos, sin, mask, impl, kv_cache=None, index=None):
+        """x [B, T, D] -> [B, T, D]; with kv_cache (k, v [B, S, K, H]) also the updated cache."""
+        attn = self.self_attn
+        q, k, v = attn.qkv(self.input_layernorm(x), cos, sin)
+        if kv_cache is not None:
+            k_all = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k.astype(kv_cache[0].dtype),
+                                                        index, axis=1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype),
+                                                        index, axis=1)
+            kv_cache = (k_all, v_all)
+            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+        o = attention.attend(q, k, v, mask, impl)
+        B, T = x.shape[:2]
+        x = x + attn.o_proj(o.reshape(B, T, -1))
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return constrain(x, "batch", None, None), kv_cache
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. Call: logits [B, T, V] float32 from input_ids [B, T]."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                 lora: LoraConfig | None = None, remat: str = "none", attention_impl="auto",
+                 rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.remat = remat
+        self.attention_impl = attention.default_impl() if attention_impl == "auto" else (
+            attention_impl)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                                  param_dtype=param_dtype, rngs=rngs)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs):
+            return Block(cfg, lora, dtype, param_dtype, rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"),
+                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        inv_freq, factor = inv_frequencies(
+            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+        self.rope = (tuple(inv_freq.tolist()), factor)  # static: plain floats
+
+    def __call__(self, input_ids, positions=None, segment_ids=None):
+        return self.logits(self.hidden(input_ids, positions, segment_ids))
+
+    def hidden(self, input_ids, positions=None, segment_ids=None):
+        """Final-norm hidden states [B, T, D] (compute dtype)."""
+        B, T = input_ids.shape
+        idx = jnp.arange(T, dtype=jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(idx, (B, T))
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+        mask = attention.attention_mask(segment_ids, segment_ids, idx, idx,
+                                        self.cfg.sliding_window)
+        x, _ = self._run_layers(input_ids, positions, mask)
+        return self.norm(x)
+
+    def logits(self, h):
+        """[B, T, D] -> float32 logits [B, T, V]."""
+        return jnp.einsum("btd,dv->btv", h, self.unembed_kernel().astype(h.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def unembed_kernel(self):
+        """[D, V]: lm_head, or the transposed embedding when tied."""
+        if self.lm_head is None:
+            return self.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+        """Empty KV cache: k/v [L, B, S, K, H], segment ids of the slots [B, S], write index."""
+        c = self.cfg
+        shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+        dtype = dtype or self.dtype
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+                "seg": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+
+    def decode(self, input_ids, positions, segment_ids, cache):
+        """Run T new tokens against the cache; returns (logits [B, T, V], updated cache).
+
+        Tokens are written at slots [index, index + T); segment id 0 marks padding (left
+        padding of batched prompts), which no token attends to.
+        """
+        T = input_ids.shape[1]
+        index = cache["index"]
+        seg = jax.lax.dynamic_update_slice_in_dim(cache["seg"], segment_ids, index, axis=1)
+        q_idx = index + jnp.arange(T, dtype=jnp.int32)
+        k_idx = jnp.arange(seg.shape[1], dtype=jnp.int32)
+        mask = attention.attention_mask(segment_ids, seg, q_idx, k_idx, self.cfg.sliding_window)
+        mask &= (seg != 0)[:, None, :]
+        x, kv = self._run_layers(input_ids, positions, mask, (cache["k"], cache["v"]), index)
+        cache = {"k": kv[0], "v": kv[1], "seg": seg, "index": index + T}
+        return self.logits(self.norm(x)), cache
+
+    def _run_layers(self, input_ids, positions, mask, kv=None, index=None):
+        x = constrain(self.embed_tokens(input_ids), "batch", None, None)
+        cos, sin = rope_tables(positions, np.asarray(self.rope[0]), self.rope[1])
+        graphdef, state = nnx.split(self.layers)
+        impl = self.attention_impl
+
+        def body(x, xs):
+            layer_state, layer_kv = xs
+            block = nnx.merge(graphdef, layer_state)
+            return block(x, cos, sin, mask, impl, layer_kv, index)
+
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        return jax.lax.scan(body, x, (state, kv))
+

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny HF checkpoints built once per session, and a record of the measured
+parity errors that is printed at the end of the run and written as JSON.
+
+Set JAXSFT_PARITY_JSON=/some/file.json to keep the parity record outside pytest's tmp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+# Measured errors, filled by test_model_parity / test_model_sharding:
+# {"family/dtype/case": {"max_abs_err": ..., "logit_scale": ..., "rel_err": ..., "tol": ...}}
+PARITY_RECORD: dict[str, dict] = {}
+_TIMINGS: dict[str, float] = {}
+_BASETEMP: list = []
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory) -> dict:
+    """{family name: checkpoint dir} for every entry of hf_fixtures.FAMILIES."""
+    from hf_fixtures import build_all
+
+    root = tmp_path_factory.mktemp("hf_checkpoints")
+    _BASETEMP.append(tmp_path_factory.getbasetemp())
+    t0 = time.perf_counter()
+    paths = build_all(root)
+    _TIMINGS["hf fixture build (7 checkpoints)"] = time.perf_counter() - t0
+    return paths
+
+
+@pytest.fixture(scope="session")
+def parity_record(tmp_path_factory) -> dict:
+    _BASETEMP.append(tmp_path_factory.getbasetemp())
+    return PARITY_RECORD
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not PARITY_RECORD and not _TIMINGS:
+        return
+    tr = terminalreporter
+    tr.section("jaxsft model parity (max |jax - transformers| / max |logit|)")
+    for name, seconds in _TIMINGS.items():
+        tr.write_line(f"{name}: {seconds:.1f} s")
+    for key in sorted(PARITY_RECORD):
+        r = PARITY_RECORD[key]
+        tr.write_line(
+            f"{key:45s} max_abs_err={r['max_abs_err']:.3e} logit_scale={r['logit_scale']:.3f} "
+            f"rel={r['rel_err']:.3e} tol={r['tol']:.1e}"
+        )
+    payload = {"timings_s": _TIMINGS, "parity": PARITY_RECORD}
+    targets = []
+    if _BASETEMP:
+        targets.append(os.path.join(str(_BASETEMP[0]), "model_parity_errors.json"))
+    if os.environ.get("JAXSFT_PARITY_JSON"):
+        targets.append(os.environ["JAXSFT_PARITY_JSON"])
+    for target in targets:
+        with open(target, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True)
+        tr.write_line(f"written: {target}")

@@ -1,0 +1,208 @@
+"""Tiny random HF checkpoints, built locally with transformers model classes (no hub access).
+
+One checkpoint per family and per quirk the loader must handle:
+
+| name                 | what it exercises                                                         |
+|----------------------|---------------------------------------------------------------------------|
+| `llama`              | GQA (4 q heads, 2 kv heads), llama3 rope scaling that changes frequencies  |
+|                      | at these sizes (original_max_position_embeddings=64), untied lm_head      |
+| `llama_tied`         | Llama-3.2 style tied embeddings (no lm_head.weight in the file)           |
+| `qwen2`              | q/k/v bias (non-zero), tied, `sliding_window` set but `use_sliding_window` |
+|                      | false (as in the published Qwen2.5 configs: the window must be ignored)   |
+| `qwen3`              | q/k RMSNorm, explicit head_dim (32) != hidden/heads (16), untied          |
+| `mistral`            | sliding_window=8, which matters at the T=24 used by the parity tests      |
+| `llama_sharded_bf16` | bfloat16 weights in several safetensors shards + model.safetensors.index  |
+| `llama_4x_config`    | config.json in the transformers 4.x style: top-level rope_theta and       |
+|                      | rope_scaling (no rope_parameters), no head_dim, torch_dtype               |
+
+Every RMSNorm weight is random (not ones) so that a missing or misplaced norm is caught, and
+the init scale is large enough that attention is far from uniform (so RoPE and mask errors
+show up in the logits). `hf_logits` runs the saved checkpoint with transformers (float32,
+eager attention) as the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+FAMILIES = (
+    "llama",
+    "llama_tied",
+    "qwen2",
+    "qwen3",
+    "mistral",
+    "llama_sharded_bf16",
+    "llama_4x_config",
+)
+
+VOCAB = 256
+HIDDEN = 64
+INTERMEDIATE = 128
+INIT_STD = 0.1  # large enough for peaked attention at hidden 64
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+ROPE_THETA = 500000.0
+MISTRAL_WINDOW = 8
+
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    intermediate_size=INTERMEDIATE,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    initializer_range=INIT_STD,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def _hf_config(name: str):
+    import transformers as tf
+
+    if name in ("llama", "llama_sharded_bf16", "llama_4x_config"):
+        return tf.LlamaConfig(
+            **_COMMON,
+            num_hidden_layers=2,
+            rope_parameters={"rope_theta": ROPE_THETA, **LLAMA3_ROPE},
+            tie_word_embeddings=False,
+        )
+    if name == "llama_tied":
+        return tf.LlamaConfig(
+            **_COMMON,
+            num_hidden_layers=2,
+            head_dim=16,
+            rope_parameters={"rope_theta": ROPE_THETA, **LLAMA3_ROPE},
+            tie_word_embeddings=True,
+        )
+    if name == "qwen2":
+        return tf.Qwen2Config(
+            **_COMMON,
+            num_hidden_layers=3,
+            rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"},
+            tie_word_embeddings=True,
+        )
+    if name == "qwen3":
+        return tf.Qwen3Config(
+            **_COMMON,
+            num_hidden_layers=2,
+            head_dim=32,
+            rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"},
+            tie_word_embeddings=False,
+        )
+    if name == "mistral":
+        return tf.MistralConfig(
+            **_COMMON,
+            num_hidden_layers=2,
+            sliding_window=MISTRAL_WINDOW,
+            rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+            tie_word_embeddings=False,
+        )
+    raise KeyError(name)
+
+
+_MODEL_CLASS = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
+
+
+def _randomize(model, seed: int) -> None:
+    """Random RMSNorm weights (around 1, never all ones) and non-zero biases."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):  # input/post_attention/final/q_norm/k_norm
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+            elif pname.endswith(".bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def build_checkpoint(name: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Build the tiny checkpoint `name` (one of FAMILIES) into `out_dir` and return it."""
+    import torch
+    import transformers as tf
+
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    cfg = _hf_config(name)
+    torch.manual_seed(seed + FAMILIES.index(name))
+    model = getattr(tf, _MODEL_CLASS[cfg.model_type])(cfg).eval()
+    _randomize(model, seed + FAMILIES.index(name))
+    if name == "llama_sharded_bf16":
+        model = model.to(torch.bfloat16)
+        # ~32 KB per embedding/lm_head, ~74 KB per layer in bf16: several shards.
+        model.save_pretrained(out, safe_serialization=True, max_shard_size="60KB")
+    else:
+        model.save_pretrained(out, safe_serialization=True)
+
+    config_path = out / "config.json"
+    if name == "qwen2":
+        # Mirror the published Qwen2.5 configs: a window is given but switched off.
+        c = json.loads(config_path.read_text())
+        c.pop("layer_types", None)
+        c.update(use_sliding_window=False, sliding_window=MISTRAL_WINDOW, max_window_layers=1)
+        config_path.write_text(json.dumps(c, indent=2))
+    if name == "llama_4x_config":
+        c = json.loads(config_path.read_text())
+        rope = c.pop("rope_parameters")
+        c["rope_theta"] = rope.pop("rope_theta")
+        c["rope_scaling"] = rope
+        c.pop("head_dim", None)  # Llama-3.1-8B's config has none: hidden / heads
+        c["torch_dtype"] = c.pop("dtype", "float32")
+        c["transformers_version"] = "4.46.0"
+        config_path.write_text(json.dumps(c, indent=2))
+    return out
+
+
+def build_all(root: str | Path, seed: int = 0) -> dict[str, Path]:
+    root = Path(root)
+    return {name: build_checkpoint(name, root / name, seed) for name in FAMILIES}
+
+
+@functools.lru_cache(maxsize=None)
+def _hf_model(path: str):
+    import torch
+    import transformers as tf
+
+    return tf.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager", local_files_only=True
+    ).eval()
+
+
+def hf_model(path: str | Path):
+    """The transformers model of a saved checkpoint: float32, eager attention (cached)."""
+    return _hf_model(str(path))
+
+
+def hf_logits(path, input_ids, attention_mask=None, position_ids=None) -> np.ndarray:
+    """Reference logits [B, T, V] float32 from transformers (float32, eager attention)."""
+    import torch
+
+    model = hf_model(path)
+    kw = {}
+    if attention_mask is not None:
+        kw["attention_mask"] = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
+    if position_ids is not None:
+        kw["position_ids"] = torch.as_tensor(np.asarray(position_ids), dtype=torch.long)
+    ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=False, **kw)
+    return out.logits.float().numpy()
