@@ -6,13 +6,19 @@
 import ml_collections
 
 
+def group() -> ml_collections.ConfigDict:
+    # Not type-safe: data.train takes a path or a list of {path, weight}; jaxsft.config checks
+    # every value against the type of its default here.
+    return ml_collections.ConfigDict(type_safe=False)
+
+
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
+    c = group()
     # Everything the run writes goes here: config.json, data_report.json, metrics.jsonl,
     # checkpoints/, hf/, adapter/, tensorboard/, loss.png. Re-running with the same run_dir resumes.
     c.run_dir = "runs/default"
 
-    c.model = ml_collections.ConfigDict()
+    c.model = group()
     # Local HF checkpoint directory: config.json, *.safetensors (+ index), tokenizer files.
     c.model.path = ""
     # Compute dtype of activations and matmuls; logits and the loss are always float32.
@@ -25,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Attention kernel: "auto" (cudnn on GPU, xla elsewhere), "xla", "cudnn".
     c.model.attention = "auto"
 
-    c.data = ml_collections.ConfigDict()
+    c.data = group()
     # A file or directory (JSONL, JSON, Parquet, saved `datasets` dataset), or a list of
     # {"path": ..., "weight": ...} dicts for weighted mixing (weights are relative shares).
     c.data.train = ""
@@ -40,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Number of rendered examples `python -m jaxsft.data check --show` prints by default.
     c.data.show = 0
 
-    c.train = ml_collections.ConfigDict()
+    c.train = group()
     # Run length in optimizer steps; 0 means derive it from num_epochs (steps win when both set).
     c.train.max_steps = 0
     c.train.num_epochs = 1.0
@@ -72,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Evaluate held-out loss (and golden set) before the first step.
     c.train.eval_at_start = True
 
-    c.lora = ml_collections.ConfigDict()
+    c.lora = group()
     # Rank 0 means full fine-tuning.
     c.lora.rank = 0
     c.lora.alpha = 16.0
@@ -81,13 +87,13 @@ def get_config() -> ml_collections.ConfigDict:
     # rsLoRA scales by alpha / sqrt(rank) instead of alpha / rank.
     c.lora.rslora = False
 
-    c.mesh = ml_collections.ConfigDict()
+    c.mesh = group()
     # Mesh shape over all devices of all hosts; -1 takes the remaining devices.
     c.mesh.data = 1
     c.mesh.fsdp = -1
     c.mesh.tensor = 1
 
-    c.eval = ml_collections.ConfigDict()
+    c.eval = group()
     # Golden set (JSONL with messages + expected), scored by generation before and after training.
     c.eval.golden = ""
     # Multiple-choice regression file (question, choices, answer), scored by log-likelihood.
@@ -95,7 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.max_new_tokens = 64
     c.eval.max_rows = 0
 
-    c.export = ml_collections.ConfigDict()
+    c.export = group()
     # "merged", "peft" (LoRA runs), "both" or "none"; written when training ends.
     c.export.format = "merged"
     # "source" keeps the source checkpoint's dtype; "bfloat16" / "float32" force one.

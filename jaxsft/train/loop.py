@@ -1,0 +1,196 @@
+"""The run: named setup steps, then a short loop (step, log, eval, checkpoint, stop)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+
+from jaxsft import config as config_lib
+from jaxsft import metrics as metrics_lib
+from jaxsft.checkpoint import Checkpointer
+from jaxsft.data import pipeline
+from jaxsft.errors import UserError
+from jaxsft.tokenizer import load_tokenizer
+from jaxsft.train import setup as setup_lib
+
+
+def run(config) -> dict:
+    """Train per `config` (resuming from run_dir when it holds a checkpoint); returns a summary."""
+    is_main = jax.process_index() == 0
+    check_run_dir(config)
+    tokenizer = load_tokenizer(config.model.path)
+    data = pipeline.build_datasets(config, tokenizer)
+    total = total_steps(config, data)
+    trainer = setup_lib.compile_steps(setup_lib.build_model_state(config, total_steps=total),
+                                      config)
+    if is_main:
+        write_run_files(config, data.report)
+    data_iter = pipeline.train_iterator(data, config)
+    ckpt = Checkpointer(config.run_dir, keep=config.train.keep_checkpoints)
+    start = restore(ckpt, trainer, data_iter)
+    if start >= total:
+        ckpt.close()
+        return finish(config, trainer, data, tokenizer, start, resumed_finished=True)
+    log = metrics_lib.MetricsLogger(config.run_dir, total, start, enabled=is_main)
+    stop = PreemptionFlag()
+    with jax.set_mesh(trainer.mesh):
+        if start == 0 and config.train.eval_at_start:
+            log.log(0, {"eval_loss_before": evaluate(trainer, data, config).get("eval_loss")})
+        step = train_loop(config, trainer, data, data_iter, ckpt, log, start, total, stop)
+    ckpt.save(step, trainer.state, data_iter, force=True)
+    ckpt.close()
+    log.close()
+    if step < total:
+        print(f"stopped by SIGTERM at step {step}; checkpoint saved, rerun to resume")
+        return {"step": step, "preempted": True}
+    return finish(config, trainer, data, tokenizer, step)
+
+
+def train_loop(config, trainer, data, data_iter, ckpt, log, start, total, stop) -> int:
+    """Steps start+1 .. total; returns the last completed step."""
+    tc = config.train
+    peak = metrics_lib.peak_flops(tc.get("peak_tflops", 0.0))
+    window = Window()
+    step = start
+    while step < total and not stop.requested:
+        local = next(data_iter)
+        batch = {k: jax.make_array_from_process_local_data(trainer.batch_sharding, v)
+                 for k, v in local.items()}
+        trainer.state, metrics = trainer.train_step(trainer.state, trainer.frozen, trainer.ref,
+                                                    batch)
+        step += 1
+        window.add(metrics, metrics_lib.step_flops(trainer.model_cfg, local["segment_ids"]))
+        if step % max(tc.log_every, 1) == 0 or step == total:
+            log.log(step, window.flush(peak))
+        if tc.eval_every and step % tc.eval_every == 0 and step < total:
+            log.log(step, evaluate(trainer, data, config))
+        if tc.save_every and step % tc.save_every == 0:
+            ckpt.save(step, trainer.state, data_iter)
+        log.advance(step)
+    return step
+
+
+class Window:
+    """Metrics of the steps since the last log line, for throughput and MFU."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.items = []
+
+    def add(self, metrics, flops):
+        self.items.append((metrics, flops))
+
+    def flush(self, peak_flops) -> dict:
+        fetched = jax.device_get([m for m, _ in self.items])  # waits for the steps
+        dt = time.perf_counter() - self.t0
+        n = len(fetched)
+        last = {k: float(v) for k, v in fetched[-1].items()}
+        tokens = sum(float(m["tokens"]) for m in fetched)
+        sup = sum(float(m["supervised_tokens"]) for m in fetched)
+        flops = sum(f for _, f in self.items)
+        row = {
+            "loss": last["loss"],
+            "learning_rate": last["learning_rate"],
+            "grad_norm": last["grad_norm"],
+            "mean_token_accuracy": last["mean_token_accuracy"],
+            "tokens_per_sec": tokens / dt,
+            "supervised_tokens_per_sec": sup / dt,
+            "step_time_s": dt / n,
+            "mfu": flops / dt / peak_flops,
+        }
+        if last["kl_to_base"]:
+            row["kl_to_base"] = last["kl_to_base"]
+        self.t0, self.items = time.perf_counter(), []
+        return row
+
+
+def evaluate(trainer, data, config) -> dict:
+    """Held-out loss over data.eval (empty dict when there is no eval set)."""
+    if data.eval is None:
+        return {}
+    totals = {}
+    for local in pipeline.eval_iterator(data, config):
+        batch = {k: jax.make_array_from_process_local_data(trainer.batch_sharding, v)
+                 for k, v in local.items()}
+        sums = jax.device_get(trainer.eval_step(trainer.state["params"], trainer.frozen,
+                                                trainer.ref, batch))
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    count = max(totals.get("count", 0.0), 1.0)
+    return {"eval_loss": totals["loss_sum"] / count,
+            "eval_token_accuracy": totals["correct"] / count}
+
+
+def total_steps(config, data) -> int:
+    if config.train.max_steps:
+        return int(config.train.max_steps)
+    per_epoch = pipeline.steps_per_epoch(data, config)
+    return max(1, int(np.ceil(per_epoch * config.train.num_epochs)))
+
+
+def restore(ckpt, trainer, data_iter) -> int:
+    step = ckpt.latest_step()
+    if step is None:
+        return 0
+    trainer.state = ckpt.restore(step, trainer.state, data_iter)
+    print(f"resumed from {ckpt.manager.directory} at step {step}")
+    return int(step)
+
+
+def check_run_dir(config):
+    """Refuse to resume a run_dir that holds a different model's checkpoints."""
+    path = os.path.join(config.run_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    old = config_lib.from_json(path)
+    for key in ("model.path", "lora.rank"):
+        a, b = old, config
+        for part in key.split("."):
+            a, b = a[part], b[part]
+        if a != b:
+            raise UserError(f"run_dir holds a run with {key}={a!r}, this config has {b!r}",
+                            where=path, hint="use a new run_dir, or the same settings to resume")
+
+
+def write_run_files(config, report: dict):
+    os.makedirs(config.run_dir, exist_ok=True)
+    with open(os.path.join(config.run_dir, "config.json"), "w") as f:
+        f.write(config_lib.to_json(config))
+    with open(os.path.join(config.run_dir, "data_report.json"), "w") as f:
+        json.dump(report, f, indent=2, default=str)
+
+
+def finish(config, trainer, data, tokenizer, step, resumed_finished=False) -> dict:
+    """Final eval, export per export.format, and a summary (also for an already finished run)."""
+    with jax.set_mesh(trainer.mesh):
+        summary = {"step": step, **evaluate(trainer, data, config)}
+    if resumed_finished:
+        print(f"run already finished at step {step}: {json.dumps(summary)}")
+        return summary
+    from jaxsft.train import hooks
+
+    summary.update(hooks.after_training(config, trainer, tokenizer))
+    if jax.process_index() == 0:
+        with open(os.path.join(config.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    print(json.dumps(summary))
+    return summary
+
+
+class PreemptionFlag:
+    """SIGTERM (TPU preemption, job schedulers) asks the loop to save and stop cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        try:
+            signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. inside some test runners)
+            pass
+
+    def _handle(self, signum, frame):
+        self.requested = True

@@ -1,0 +1,106 @@
+"""Named setup steps of a run: the model split into trainable and frozen parts, the optimizer,
+the sharded train state and the jitted steps."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxsft.hf_io import load_hf
+from jaxsft.models.config import ModelConfig
+from jaxsft.models.lora import LoraConfig, LoRAParam
+from jaxsft.sharding import BATCH, make_mesh
+from jaxsft.train import step as step_lib
+from jaxsft.train.optim import make_optimizer
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    mesh: jax.sharding.Mesh
+    model_cfg: ModelConfig
+    lora_cfg: LoraConfig | None
+    graphdef: nnx.GraphDef
+    state: dict  # {"step", "params", "opt_state", "rng"}
+    frozen: nnx.State
+    ref: nnx.State | None
+    tx: object
+    schedule: object
+    train_step: object = None
+    eval_step: object = None
+    batch_sharding: NamedSharding = None
+
+    def model(self):
+        """The current model (trainable and frozen parts merged)."""
+        return nnx.merge(self.graphdef, self.state["params"], self.frozen)
+
+
+def lora_config(config) -> LoraConfig | None:
+    if config.lora.rank <= 0:
+        return None
+    return LoraConfig(rank=int(config.lora.rank), alpha=float(config.lora.alpha),
+                      targets=tuple(config.lora.targets), rslora=bool(config.lora.rslora))
+
+
+def config_mesh(config):
+    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+
+
+def build_model_state(config, mesh=None, total_steps: int = 1) -> TrainSetup:
+    """Load the HF checkpoint sharded on the mesh, split it, and create the optimizer state."""
+    mesh = mesh if mesh is not None else config_mesh(config)
+    lora = lora_config(config)
+    model, model_cfg = load_hf(config.model.path, dtype=config.model.dtype,
+                               param_dtype=config.model.param_dtype, mesh=mesh, lora=lora,
+                               remat=config.model.remat, attention_impl=config.model.attention,
+                               seed=config.train.seed)
+    trainable = LoRAParam if lora else nnx.Param
+    graphdef, params, frozen = nnx.split(model, trainable, ...)
+    ref = None
+    if config.train.kl_to_base and not lora:  # full SFT: a frozen bf16 copy of the base
+        ref = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    tx, schedule = make_optimizer(config.train, total_steps)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = {
+        "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        "params": params,
+        "opt_state": init_opt_state(tx, params, replicated),
+        "rng": jax.device_put(jax.random.key_data(jax.random.key(config.train.seed)), replicated),
+    }
+    return TrainSetup(mesh=mesh, model_cfg=model_cfg, lora_cfg=lora, graphdef=graphdef,
+                      state=state, frozen=frozen, ref=ref, tx=tx, schedule=schedule)
+
+
+def init_opt_state(tx, params, replicated):
+    """Optimizer state with each moment sharded like its parameter (counts replicated)."""
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    abstract = jax.eval_shape(tx.init, params)
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract, param_sh,
+                                   transform_non_params=lambda _: replicated)
+    return jax.jit(tx.init, out_shardings=opt_sh)(params)
+
+
+def compile_steps(setup: TrainSetup, config) -> TrainSetup:
+    """Jit the train and eval steps with explicit shardings; the state is donated."""
+    loss_fn = step_lib.make_loss_fn(setup.graphdef, chunk=config.train.loss_chunk,
+                                    kl_beta=float(config.train.kl_to_base),
+                                    lora=setup.lora_cfg is not None)
+    shard = _shardings
+    state_sh, frozen_sh, ref_sh = shard(setup.state), shard(setup.frozen), shard(setup.ref)
+    setup.batch_sharding = NamedSharding(setup.mesh, PartitionSpec(BATCH, None))
+    train = step_lib.make_train_step(loss_fn, setup.tx, setup.schedule, config.train.grad_accum)
+    setup.train_step = jax.jit(train, in_shardings=(state_sh, frozen_sh, ref_sh,
+                                                    setup.batch_sharding),
+                               out_shardings=(state_sh, None), donate_argnums=(0,))
+    setup.eval_step = jax.jit(step_lib.make_eval_step(loss_fn),
+                              in_shardings=(state_sh["params"], frozen_sh, ref_sh,
+                                            setup.batch_sharding))
+    return setup
+
+
+def _shardings(tree):
+    return jax.tree.map(lambda x: x.sharding, tree)

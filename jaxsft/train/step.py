@@ -1,0 +1,104 @@
+"""The train and eval steps: pure functions of (state, frozen, ref, batch), jitted once.
+
+state = {"step", "params" (the trainable partition), "opt_state", "rng"}; `frozen` is the rest of
+the model (the base weights of a LoRA run, empty for full fine-tuning); `ref` is the frozen
+reference copy used by the KL-to-base term of a full fine-tune (None otherwise).
+Gradient accumulation is a scan over micro-batches inside the step; the loss and gradients are
+divided once, by the number of supervised tokens of the whole global batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxsft.sharding import constrain
+from jaxsft.train.loss import chunked_xent, shift_targets
+
+SUMS = ("loss_sum", "count", "correct", "kl_sum", "objective_sum")
+
+
+def make_loss_fn(graphdef, *, chunk: int, kl_beta: float = 0.0, lora: bool = False):
+    """(params, frozen, ref, batch) -> (objective_sum, sums)."""
+
+    def loss_fn(params, frozen, ref, batch):
+        model = nnx.merge(graphdef, params, frozen)
+        ids, seg, pos = batch["input_ids"], batch["segment_ids"], batch["positions"]
+        h = model.hidden(ids, pos, seg)
+        targets, weights = shift_targets(ids, batch["loss_mask"], seg)
+        base = None
+        if kl_beta:
+            # LoRA: the base is the same weights with adapters off (no second copy).
+            base_params = jax.tree.map(jnp.zeros_like, params) if lora else ref
+            base_model = nnx.merge(graphdef, base_params, frozen)
+            hb = jax.lax.stop_gradient(base_model.hidden(ids, pos, seg))
+            base = (hb, jax.lax.stop_gradient(base_model.unembed_kernel()))
+        sums = chunked_xent(h, model.unembed_kernel(), targets, weights, chunk=chunk,
+                            dtype=model.dtype, base=base, kl_beta=kl_beta)
+        return sums["objective_sum"], sums
+
+    return loss_fn
+
+
+def micro_batches(batch, grad_accum: int):
+    """[B, T] -> [A, B/A, T], micro-batch a = rows a, A + a, 2A + a, ... so every micro-batch
+    spreads evenly over the devices that hold the rows."""
+
+    def split(x):
+        B = x.shape[0]
+        return x.reshape(B // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(loss_fn, tx, schedule, grad_accum: int):
+    def train_step(state, frozen, ref, batch):
+        params = state["params"]
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def accumulate(carry, mb):
+            mb = jax.tree.map(lambda x: constrain(x, "batch", None), mb)
+            (_, sums), grads = grad_fn(params, frozen, ref, mb)
+            return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+        zeros = (jax.tree.map(jnp.zeros_like, params),
+                 {k: jnp.zeros((), jnp.float32) for k in SUMS})
+        (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro_batches(batch, grad_accum))
+        count = jnp.maximum(sums["count"], 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+            "rng": state["rng"],
+        }
+        metrics = summarize(sums, batch)
+        metrics.update(grad_norm=grad_norm, learning_rate=schedule(state["step"]))
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(loss_fn):
+    def eval_step(params, frozen, ref, batch):
+        _, sums = loss_fn(params, frozen, ref, batch)
+        sums["tokens"] = (batch["segment_ids"] != 0).sum().astype(jnp.float32)
+        return sums
+
+    return eval_step
+
+
+def summarize(sums, batch):
+    """Per-step metrics from token sums (means over supervised tokens)."""
+    count = jnp.maximum(sums["count"], 1.0)
+    return {
+        "loss": sums["loss_sum"] / count,
+        "kl_to_base": sums["kl_sum"] / count,
+        "mean_token_accuracy": sums["correct"] / count,
+        "supervised_tokens": sums["count"],
+        "tokens": (batch["segment_ids"] != 0).sum().astype(jnp.float32),
+    }
