@@ -73,6 +73,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.log_every = 10
     c.train.eval_every = 0
     c.train.save_every = 0
+    # Stop this invocation after N more steps, saving a checkpoint (0: run to the end). Rerunning
+    # the same command resumes; for time-sliced jobs.
+    c.train.stop_after = 0
+    # Peak FLOP/s per device in TFLOP/s for MFU; 0 picks a table value for the platform.
+    c.train.peak_tflops = 0.0
     # Checkpoints to keep.
     c.train.keep_checkpoints = 2
     # Evaluate held-out loss (and golden set) before the first step.

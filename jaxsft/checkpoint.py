@@ -12,6 +12,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxsft.errors import UserError
+from jaxsft.sharding import make_mesh
 
 
 def checkpoint_dir(run_dir: str) -> str:
@@ -85,7 +86,8 @@ def restore_model(run_dir: str, step: int | None = None):
         raise UserError(f"no checkpoint for step {step} (have {steps})",
                         where=checkpoint_dir(run_dir))
     config = config_lib.from_json(cfg_path)
-    trainer = setup.build_model_state(config, mesh=None, total_steps=1)
+    # Restore onto whatever devices this process has (the run may have used another mesh).
+    trainer = setup.build_model_state(config, mesh=make_mesh(1, -1, 1), total_steps=1)
     ckpt = Checkpointer(run_dir, keep=max(len(steps), 1), use_async=False)
     try:
         trainer.state = ckpt.restore(step, trainer.state)

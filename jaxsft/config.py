@@ -33,7 +33,7 @@ POSITIVE = ("data.max_length", "train.batch_size", "train.grad_accum", "train.le
             "train.loss_chunk")
 NON_NEGATIVE = ("train.max_steps", "train.num_epochs", "train.warmup_ratio", "train.end_lr_ratio",
                 "train.weight_decay", "train.max_grad_norm", "train.log_every", "train.eval_every",
-                "train.save_every", "train.kl_to_base", "lora.rank", "eval.max_rows")
+                "train.save_every", "train.kl_to_base", "train.stop_after", "train.peak_tflops", "lora.rank", "eval.max_rows")
 
 
 def load(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:

@@ -25,8 +25,9 @@ def load_tokenizer(path: str | os.PathLike):
 
         return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError... for bad dirs
+        first_line = str(e).splitlines()[0] if str(e) else ""
         raise UserError(
-            f"cannot load the tokenizer: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+            f"cannot load the tokenizer: {type(e).__name__}: {first_line}",
             where=path,
             hint="the directory needs tokenizer.json (or the slow tokenizer files) and "
             "tokenizer_config.json, as written by save_pretrained",

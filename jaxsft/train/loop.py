@@ -38,26 +38,31 @@ def run(config) -> dict:
         return finish(config, trainer, data, tokenizer, start, resumed_finished=True)
     log = metrics_lib.MetricsLogger(config.run_dir, total, start, enabled=is_main)
     stop = PreemptionFlag()
+    end = min(total, start + config.train.stop_after) if config.train.stop_after else total
     with jax.set_mesh(trainer.mesh):
         if start == 0 and config.train.eval_at_start:
-            log.log(0, {"eval_loss_before": evaluate(trainer, data, config).get("eval_loss")})
-        step = train_loop(config, trainer, data, data_iter, ckpt, log, start, total, stop)
-    ckpt.save(step, trainer.state, data_iter, force=True)
+            log.log(0, evaluate(trainer, data, config))
+        step = train_loop(config, trainer, data, data_iter, ckpt, log, start, end, stop)
+        if step == total:
+            log.log(step, evaluate(trainer, data, config))
+    if ckpt.latest_step() != step:
+        ckpt.save(step, trainer.state, data_iter, force=True)
     ckpt.close()
     log.close()
     if step < total:
-        print(f"stopped by SIGTERM at step {step}; checkpoint saved, rerun to resume")
-        return {"step": step, "preempted": True}
+        why = "SIGTERM" if stop.requested else "train.stop_after"
+        print(f"stopped by {why} at step {step}; checkpoint saved, rerun to resume")
+        return {"step": step, "stopped": True}
     return finish(config, trainer, data, tokenizer, step)
 
 
-def train_loop(config, trainer, data, data_iter, ckpt, log, start, total, stop) -> int:
-    """Steps start+1 .. total; returns the last completed step."""
+def train_loop(config, trainer, data, data_iter, ckpt, log, start, end, stop) -> int:
+    """Steps start+1 .. end; returns the last completed step."""
     tc = config.train
     peak = metrics_lib.peak_flops(tc.get("peak_tflops", 0.0))
     window = Window()
     step = start
-    while step < total and not stop.requested:
+    while step < end and not stop.requested:
         local = next(data_iter)
         batch = {k: jax.make_array_from_process_local_data(trainer.batch_sharding, v)
                  for k, v in local.items()}
@@ -65,9 +70,9 @@ def train_loop(config, trainer, data, data_iter, ckpt, log, start, total, stop) 
                                                     batch)
         step += 1
         window.add(metrics, metrics_lib.step_flops(trainer.model_cfg, local["segment_ids"]))
-        if step % max(tc.log_every, 1) == 0 or step == total:
+        if step % max(tc.log_every, 1) == 0 or step == end:
             log.log(step, window.flush(peak))
-        if tc.eval_every and step % tc.eval_every == 0 and step < total:
+        if tc.eval_every and step % tc.eval_every == 0 and step < log.total:
             log.log(step, evaluate(trainer, data, config))
         if tc.save_every and step % tc.save_every == 0:
             ckpt.save(step, trainer.state, data_iter)
@@ -169,6 +174,7 @@ def finish(config, trainer, data, tokenizer, step, resumed_finished=False) -> di
     """Final eval, export per export.format, and a summary (also for an already finished run)."""
     with jax.set_mesh(trainer.mesh):
         summary = {"step": step, **evaluate(trainer, data, config)}
+    summary = {k: round(v, 6) if isinstance(v, float) else v for k, v in summary.items()}
     if resumed_finished:
         print(f"run already finished at step {step}: {json.dumps(summary)}")
         return summary

@@ -1,0 +1,168 @@
+"""`python -m jaxsft.data check --config configs/RUN.py [--show N] [--config.KEY=VALUE ...]`
+
+Reads, validates and renders data.train / data.eval exactly as training would, writes
+run_dir/data_report.json (creating run_dir, deleting nothing), prints a summary and, with
+--show N, N rendered training examples with the supervised tokens marked. Exits 2 (one
+message, no traceback) on invalid data or when training would refuse to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxsft.errors import UserError, run_cli
+
+GREEN, RESET = "\033[1;32m", "\033[0m"
+
+
+def load_config(path: str, overrides: list[str]):
+    """jaxsft.config.load when available, else a minimal loader with the same contract."""
+    try:
+        from jaxsft.config import load
+    except ImportError:
+        return _fallback_load(path, overrides)
+    return load(path, overrides)
+
+
+def _fallback_load(path: str, overrides: list[str]):
+    import ast
+    import importlib.util
+    import os
+
+    if not os.path.isfile(path):
+        raise UserError("config file not found", where=path)
+    spec = importlib.util.spec_from_file_location("jaxsft_run_config", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path[:0] = [os.getcwd(), os.path.dirname(os.path.abspath(path))]
+    try:
+        spec.loader.exec_module(module)
+        cfg = module.get_config()
+    except UserError:
+        raise
+    except Exception as e:
+        msg = f"cannot evaluate the config file: {type(e).__name__}: {e}"
+        raise UserError(msg, where=path) from None
+    finally:
+        del sys.path[:2]
+    for item in overrides:
+        if not item.startswith("--config.") or "=" not in item:
+            raise UserError(f"cannot parse argument {item!r}", hint="use --config.a.b=value")
+        key, raw = item[len("--config.") :].split("=", 1)
+        *groups, leaf = key.split(".")
+        node = cfg
+        for g in groups:
+            if g not in node:
+                raise UserError(f"unknown config key {key!r}", hint="see configs/base.py")
+            node = node[g]
+        if leaf not in node:
+            raise UserError(f"unknown config key {key!r}", hint="see configs/base.py")
+        old = node[leaf]
+        if isinstance(old, bool):
+            value = raw.lower() in ("1", "true", "yes")
+        elif isinstance(old, str) and not raw.startswith("["):
+            value = raw
+        else:
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                raise UserError(f"bad value for {key}: {raw!r}") from None
+        with cfg.unlocked() if hasattr(cfg, "unlocked") else _null():
+            node[leaf] = value
+    return cfg
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def parse_args(argv: list[str]):
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxsft.data", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="write data_report.json and print a summary")
+    check.add_argument("--config", required=True, help="ml_collections config file")
+    check.add_argument("--show", type=int, default=None, help="print N rendered examples")
+    args, rest = parser.parse_known_args(argv)
+    bad = [a for a in rest if not a.startswith("--config.")]
+    if bad:
+        raise UserError(f"unknown argument {bad[0]!r}", hint="overrides look like --config.a.b=v")
+    return args, rest
+
+
+def marked(tokenizer, ids, mask, color: bool) -> str:
+    """Decoded tokens with the supervised runs wrapped in [[...]] (or green when color)."""
+    out, t = [], 0
+    while t < len(ids):
+        u = t
+        while u < len(ids) and mask[u] == mask[t]:
+            u += 1
+        text = tokenizer.decode(ids[t:u], skip_special_tokens=False)
+        if mask[t]:
+            text = f"{GREEN}{text}{RESET}" if color else f"[[{text}]]"
+        out.append(text)
+        t = u
+    return "".join(out)
+
+
+def summary(report: dict) -> str:
+    lines = []
+    for name in ("train", "eval"):
+        r = report.get(name)
+        if not r:
+            continue
+        tok, sup, pack = r["tokens"], r["supervised_tokens"], r.get("packing")
+        lines.append(
+            f"{name}: {r['rows_read']} rows read, {r['examples']} examples kept, "
+            f"{r['dropped']['count']} dropped"
+        )
+        for reason, n in r["dropped"]["by_reason"].items():
+            lines.append(f"  dropped {n}: {reason}")
+        for d in r["dropped"]["rows"][:5]:
+            lines.append(f"    {d['where']}: {d['reason']}")
+        lines.append(
+            f"  tokens/example p50={tok['p50']} p90={tok['p90']} p99={tok['p99']} "
+            f"max={tok['max']}; truncated {r['truncated_examples']['count']} examples, "
+            f"{r['assistant_turns']['truncated']} of {r['assistant_turns']['count']} "
+            "assistant turns"
+        )
+        lines.append(f"  supervised tokens: {sup['count']} ({100 * sup['share']:.1f}% of tokens)")
+        if pack:
+            lines.append(
+                f"  {'packed' if pack['enabled'] else 'padded'} rows of {pack['max_length']}: "
+                f"{pack['rows_per_epoch']} rows/epoch, efficiency {100 * pack['efficiency']:.1f}%, "
+                f"{pack['steps_per_epoch']} steps/epoch at batch {pack['batch_size']}"
+            )
+    for w in report.get("warnings", []):
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+@run_cli
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    config = load_config(args.config, overrides)
+    from jaxsft.data import check, pipeline
+    from jaxsft.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(config.model.path)
+    data = pipeline.build_datasets(config, tokenizer, strict=False)
+    path = check.write_report(config.run_dir, data.report)
+    print(summary(data.report))
+    print(f"report: {path}")
+    show = args.show if args.show is not None else int(config.data.get("show", 0))
+    color = sys.stdout.isatty()
+    for i in range(min(show, len(data.train))):
+        print(f"\n--- {data.train.where[i]} (supervised {'green' if color else '[[...]]'})")
+        print(marked(tokenizer, data.train.input_ids[i].tolist(), data.train.loss_mask[i], color))
+    check.refuse_to_train(data.report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

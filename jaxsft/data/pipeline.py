@@ -1,0 +1,313 @@
+"""From the config to fixed-shape host-local batches.
+
+    data = build_datasets(config, tokenizer)         # read, validate, render once, report, check
+    it = train_iterator(data, config)                # grain DatasetIterator, runs forever
+    n = steps_per_epoch(data, config)                # optimizer steps in one epoch
+    for batch in eval_iterator(data, config): ...    # one pass, fixed order
+
+Every example is rendered and tokenized once, up front, and kept in memory. Examples that keep
+no supervised token after truncation are dropped and counted. Each epoch e is planned from
+(train.seed, e) alone: the mixture draw (readers.mixture_epoch), a shuffle, best-fit-decreasing
+packing of the shuffled examples (or one example per row) and a shuffle of the rows. The rows
+are cut into global batches of train.batch_size rows; the last batch of an epoch is filled
+with empty rows (all padding, loss_mask 0) so that every example is seen exactly once per
+epoch. Host p of P gets rows [p*B/P, (p+1)*B/P) of each global batch. Every host renders the
+whole data set and computes the same plan, so no communication is needed.
+
+The iterator state is {"epoch", "step"}: `grain.checkpoint.CheckpointSave(iterator)` and
+`CheckpointRestore` resume exactly at the next batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any
+
+import grain
+import numpy as np
+
+from jaxsft.data import check, packing, readers
+from jaxsft.data.chat import render_many
+from jaxsft.errors import UserError
+from jaxsft.tokenizer import pad_id as tokenizer_pad_id
+
+RENDER_CHUNK = 1024  # examples encoded per batched tokenizer call
+
+
+@dataclasses.dataclass
+class Examples:
+    """Rendered examples of one split, in file order."""
+
+    input_ids: list[np.ndarray]  # int32 [n_i] each
+    loss_mask: list[np.ndarray]  # int32 [n_i] each
+    where: list[str]
+    source: np.ndarray  # int [E]: mixture component of each example
+    weights: list[float]  # mixture weights, one per component
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.input_ids), np.int64, len(self.input_ids))
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclasses.dataclass
+class Datasets:
+    """What build_datasets returns: both splits, the data report and the batch geometry."""
+
+    train: Examples
+    eval: Examples | None
+    report: dict
+    max_length: int
+    packing: bool
+    pad_id: int
+
+
+def build_datasets(config, tokenizer, *, strict: bool = True) -> Datasets:
+    """Read, validate, render and report data.train / data.eval.
+
+    strict=True runs `check.refuse_to_train` on the report (a UserError when nothing is
+    supervised or an assistant turn has no supervised end-of-turn token); the data-check CLI
+    passes strict=False to write the report first.
+    """
+    d = config.data
+    max_length = int(d.max_length)
+    if max_length < 2:
+        raise UserError(f"data.max_length={max_length}", where="config", hint="use at least 2")
+    if not readers.parse_sources(d.train):
+        raise UserError("data.train is not set", where="config", hint="point it to a data file")
+    train, train_stats = _load_split(d.train, tokenizer, max_length, d.on_invalid)
+    evals, eval_stats = None, None
+    if readers.parse_sources(d.get("eval", "")):
+        evals, eval_stats = _load_split(d.eval, tokenizer, max_length, d.on_invalid)
+    data = Datasets(train, evals, {}, max_length, bool(d.packing), tokenizer_pad_id(tokenizer))
+    batch_size = int(config.train.batch_size)
+    data.report = check.build_report(
+        train_stats,
+        eval_stats,
+        packing_info(data, batch_size, int(config.train.seed)),
+        tokenizer=tokenizer,
+    )
+    if strict:
+        check.refuse_to_train(data.report)
+    return data
+
+
+def _load_split(spec, tokenizer, max_length: int, on_invalid: str):
+    """Examples of a split and the per-example statistics the report needs."""
+    read = readers.read_rows(spec, on_invalid)
+    stats = check.SplitStats(read=read)
+    ids, masks, where, source = [], [], [], []
+    for lo in range(0, len(read.rows), RENDER_CHUNK):
+        chunk = read.rows[lo : lo + RENDER_CHUNK]
+        rendered, errors = render_many(
+            tokenizer,
+            [r.example for r in chunk],
+            max_length,
+            wheres=[r.where for r in chunk],
+            on_error="raise" if on_invalid == "error" else "skip",
+            normalized=True,
+        )
+        for j, reason in errors:
+            read.skipped.append({"where": chunk[j].where, "reason": reason})
+        for row, out in zip(chunk, rendered, strict=True):
+            if out is None:
+                continue
+            stats.add(row, out)
+            if not out["loss_mask"].any():
+                continue  # no supervised token left (truncation): dropped, counted by stats
+            ids.append(out["input_ids"])
+            masks.append(out["loss_mask"])
+            where.append(row.where)
+            source.append(row.source)
+    weights = [s["weight"] for s in read.sources]
+    examples = Examples(ids, masks, where, np.asarray(source, np.int64), weights)
+    return examples, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Epoch plans
+# --------------------------------------------------------------------------------------------
+def epoch_rows(data: Datasets, seed: int, epoch: int) -> list[list[int]]:
+    """Rows (lists of example indices) of one training epoch, in training order."""
+    ex = data.train
+    if len(ex.weights) > 1:
+        idx = readers.mixture_epoch(ex.source, ex.weights, seed, epoch)
+    else:
+        idx = np.arange(len(ex))
+    rng = np.random.default_rng([seed, epoch, 0x5348])
+    idx = rng.permutation(idx)
+    if not data.packing:
+        return packing.single_rows(idx)
+    rows = packing.pack_bfd(ex.lengths[idx], data.max_length)
+    rows = [[int(idx[j]) for j in row] for row in rows]
+    return [rows[k] for k in rng.permutation(len(rows))]
+
+
+def packing_info(data: Datasets, batch_size: int, seed: int) -> dict:
+    """Rows, steps and packing efficiency of epoch 0 (for the report and steps_per_epoch)."""
+    rows = epoch_rows(data, seed, 0)
+    eff = packing.efficiency(rows, data.train.lengths, data.max_length)
+    return {
+        "enabled": data.packing,
+        "max_length": data.max_length,
+        "rows_per_epoch": len(rows),
+        "examples_per_row": round(sum(map(len, rows)) / max(len(rows), 1), 3),
+        "efficiency": round(eff, 4),
+        "batch_size": batch_size,
+        "steps_per_epoch": math.ceil(len(rows) / batch_size) if batch_size > 0 else 0,
+    }
+
+
+def steps_per_epoch(data: Datasets, config) -> int:
+    """Optimizer steps (global batches) in one training epoch (epoch 0's count; with weighted
+    mixing and packing later epochs can differ by a step or two)."""
+    return packing_info(data, int(config.train.batch_size), int(config.train.seed))[
+        "steps_per_epoch"
+    ]
+
+
+def _host_slice(batch_size: int, process_index, process_count) -> tuple[int, int]:
+    """(first row within a global batch, rows) of this host."""
+    if process_index is None or process_count is None:
+        import jax  # imported here: building data needs no jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if batch_size <= 0 or batch_size % process_count:
+        raise UserError(
+            f"train.batch_size={batch_size} is not a positive multiple of the "
+            f"{process_count} processes",
+            where="config",
+            hint="every host takes batch_size / process_count rows of each global batch",
+        )
+    local = batch_size // process_count
+    return process_index * local, local
+
+
+# --------------------------------------------------------------------------------------------
+# Training iterator (grain)
+# --------------------------------------------------------------------------------------------
+class TrainDataset(grain.IterDataset):
+    """Infinite stream of host-local training batches; iterate to get a `TrainIterator`."""
+
+    def __init__(self, data: Datasets, batch_size: int, seed: int, process_index, process_count):
+        super().__init__()
+        self.data, self.batch_size, self.seed = data, int(batch_size), int(seed)
+        self.offset, self.local = _host_slice(self.batch_size, process_index, process_count)
+        if len(data.train) == 0:
+            raise UserError("no training example left", where="data.train")
+
+    def __iter__(self) -> TrainIterator:
+        return TrainIterator(self)
+
+    def __str__(self) -> str:
+        return f"TrainDataset(examples={len(self.data.train)}, batch_size={self.batch_size})"
+
+
+class TrainIterator(grain.DatasetIterator):
+    """State {"epoch", "step"}: the next batch is global batch `step` of epoch `epoch`."""
+
+    def __init__(self, ds: TrainDataset):
+        super().__init__()
+        self._ds = ds
+        self._epoch, self._step = 0, 0
+        self._plan_epoch, self._plan = -1, []
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def _rows(self, epoch: int) -> list[list[int]]:
+        if epoch != self._plan_epoch:
+            ds = self._ds
+            rows = epoch_rows(ds.data, ds.seed, epoch)
+            steps = math.ceil(len(rows) / ds.batch_size)
+            self._plan = rows + [[]] * (steps * ds.batch_size - len(rows))
+            self._plan_epoch = epoch
+        return self._plan
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        ds = self._ds
+        rows = self._rows(self._epoch)
+        if self._step * ds.batch_size >= len(rows):
+            self._epoch, self._step = self._epoch + 1, 0
+            rows = self._rows(self._epoch)
+        first = self._step * ds.batch_size + ds.offset
+        local = rows[first : first + ds.local]
+        self._step += 1
+        ex = ds.data.train
+        return packing.build_rows(
+            local, ex.input_ids, ex.loss_mask, ds.data.max_length, ds.data.pad_id
+        )
+
+    def get_state(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "step": self._step, "examples": len(self._ds.data.train)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if int(state.get("examples", len(self._ds.data.train))) != len(self._ds.data.train):
+            warnings.warn(
+                "the training data changed since this iterator state was saved "
+                f"({state['examples']} -> {len(self._ds.data.train)} examples): "
+                "resuming at the same epoch/step of the new data",
+                stacklevel=2,
+            )
+        self._epoch, self._step = int(state["epoch"]), int(state["step"])
+
+    def __str__(self) -> str:
+        return f"TrainIterator(epoch={self._epoch}, step={self._step})"
+
+
+def train_iterator(
+    data: Datasets, config, *, process_index: int | None = None, process_count: int | None = None
+) -> TrainIterator:
+    """Host-local training batches of train.batch_size // process_count rows, forever.
+
+    process_index/process_count default to jax.process_index()/jax.process_count(); tests pass
+    them to simulate hosts. Save/restore the state with grain.checkpoint.CheckpointSave/Restore.
+    """
+    ds = TrainDataset(
+        data, int(config.train.batch_size), int(config.train.seed), process_index, process_count
+    )
+    return iter(ds)
+
+
+# --------------------------------------------------------------------------------------------
+# Eval
+# --------------------------------------------------------------------------------------------
+def eval_rows(data: Datasets) -> list[list[int]]:
+    """Rows of the eval set: file order, packed (BFD) when data.packing."""
+    if data.eval is None:
+        return []
+    if data.packing:
+        return packing.pack_bfd(data.eval.lengths, data.max_length)
+    return packing.single_rows(range(len(data.eval)))
+
+
+def eval_steps(data: Datasets, config) -> int:
+    """Number of eval batches (the same on every host)."""
+    return math.ceil(len(eval_rows(data)) / int(config.train.batch_size))
+
+
+def eval_iterator(
+    data: Datasets, config, *, process_index: int | None = None, process_count: int | None = None
+):
+    """One pass over the eval set in a fixed order, host-local batches like train_iterator;
+    the last global batch is filled with empty rows (loss_mask 0). Empty when there is no eval."""
+    batch_size = int(config.train.batch_size)
+    offset, local = _host_slice(batch_size, process_index, process_count)
+    rows = eval_rows(data)
+    steps = math.ceil(len(rows) / batch_size)
+    rows = rows + [[]] * (steps * batch_size - len(rows))
+    for s in range(steps):
+        first = s * batch_size + offset
+        yield packing.build_rows(
+            rows[first : first + local],
+            data.eval.input_ids,
+            data.eval.loss_mask,
+            data.max_length,
+            data.pad_id,
+        )

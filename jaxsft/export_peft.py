@@ -1,0 +1,226 @@
+"""PEFT adapter export: adapter_config.json + adapter_model.safetensors, as peft saves them.
+
+Key names are the HF weight keys of the table with PEFT's prefix and no adapter name
+("base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight"); `PeftModel.from_pretrained`
+inserts the adapter name itself. Shapes follow torch's nn.Linear: lora_A.weight [r, in] is the
+transpose of lora_a[i] [in, r], lora_B.weight [out, r] the transpose of lora_b[i] [r, out].
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from jaxsft.errors import UserError
+from jaxsft.export_check import (
+    TOLERANCES,
+    ExportCheckError,
+    compare,
+    float32_logits,
+    on_writer,
+    probe_ids,
+    reload_mesh,
+)
+from jaxsft.export_files import (
+    Planned,
+    atomic_dir,
+    host_layer,
+    is_writer,
+    write_json,
+    write_safetensors,
+)
+from jaxsft.hf_io import DTYPES, hf_keys, weight_table
+from jaxsft.models.config import ModelConfig
+from jaxsft.models.lora import LoraConfig, LoRAParam
+
+PREFIX = "base_model.model."
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def module_at(model: nnx.Module, path: tuple[str, ...]):
+    return functools.reduce(getattr, path, model)
+
+
+def peft_key(hf_key: str, name: str) -> str:
+    """model.layers.0.self_attn.q_proj.weight -> base_model.model.model.layers.0...lora_A.weight"""
+    return f"{PREFIX}{hf_key.removesuffix('.weight')}.{name}.weight"
+
+
+def adapted_linears(model: nnx.Module, cfg: ModelConfig):
+    """(table entry, Linear) for every kernel of the table that carries LoRA adapters."""
+    out = []
+    for entry in weight_table(cfg):
+        if entry.path[-1] == "kernel":
+            linear = module_at(model, entry.path[:-1])
+            if getattr(linear, "lora_a", None) is not None:
+                assert entry.stacked and entry.transpose, entry
+                out.append((entry, linear))
+    found = {(*e.path[:-1], ab) for e, _ in out for ab in ("lora_a", "lora_b")}
+    held = {tuple(p) for p, _ in nnx.to_flat_state(nnx.state(model, LoRAParam))}
+    assert found == held, f"LoRA adapters outside the weight table: {sorted(held - found)}"
+    return out
+
+
+def adapter_tensors(model, cfg: ModelConfig, fetch) -> Iterator[tuple[str, np.ndarray]]:
+    """(PEFT key, [r, in] or [out, r] array) for every adapter; fetch(var, layer) -> host array."""
+    for entry, linear in adapted_linears(model, cfg):
+        for i, key in enumerate(hf_keys(entry, cfg.num_layers)):
+            yield peft_key(key, "lora_A"), fetch(linear.lora_a, i).T
+            yield peft_key(key, "lora_B"), fetch(linear.lora_b, i).T
+
+
+def adapter_config(cfg: ModelConfig, lora: LoraConfig, base_model_path: str) -> dict:
+    """adapter_config.json in peft's LoraConfig fields (peft fills the rest with defaults)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_model_path),
+        "r": lora.rank,
+        "lora_alpha": int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha,
+        "use_rslora": lora.rslora,
+        "target_modules": sorted(lora.targets),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+
+
+def export_peft(
+    model: nnx.Module,
+    cfg: ModelConfig,
+    lora_cfg: LoraConfig | None,
+    out_dir: str | os.PathLike,
+    *,
+    base_model_path: str | os.PathLike,
+    dtype: str = "float32",
+    check: bool = True,
+) -> Path:
+    """Write the LoRA adapters of `model` as a PEFT adapter directory, then self-check it.
+
+    The check loads `base_model_path` with jaxsft, folds in the written adapter (as peft would
+    read it) and compares logits with `model` (ExportCheckError on a mismatch; nothing is moved
+    into place). dtype: the adapter tensors' dtype (PEFT keeps adapters in float32).
+    """
+    if lora_cfg is None or lora_cfg.rank <= 0 or not adapted_linears(model, cfg):
+        raise UserError(
+            "a PEFT adapter needs a LoRA run (lora.rank > 0)",
+            hint="use --format merged for a full fine-tuning run",
+        )
+    adapted = {e.path[-2] for e, _ in adapted_linears(model, cfg)}
+    assert adapted == set(lora_cfg.targets), (adapted, lora_cfg.targets)
+    np_dtype = np.dtype(DTYPES[dtype])
+
+    def plan_fetch(var, i):
+        return np.broadcast_to(np.zeros((), np_dtype), var.shape[1:])
+
+    def fetch(var, i):
+        return host_layer(var[...], i).astype(np_dtype)
+
+    plan = [Planned(k, a.shape, a.dtype) for k, a in adapter_tensors(model, cfg, plan_fetch)]
+    write = is_writer()
+    with atomic_dir(out_dir, write=write) as tmp:
+        write_safetensors(
+            tmp,
+            plan,
+            adapter_tensors(model, cfg, fetch),
+            stem="adapter_model",
+            max_shard_bytes=2**62,
+            write=write,
+        )
+        if write:
+            write_json(
+                tmp / "adapter_config.json",
+                adapter_config(cfg, lora_cfg, os.fspath(base_model_path)),
+            )
+        if check:
+            check_adapter(model, cfg, tmp, base_model_path, dtype)
+    return Path(out_dir)
+
+
+@jax.jit
+def _add_lora(w, a, b, scale):
+    """w [L, in, out] + scale * a [L, in, r] @ b [L, r, out], in float32."""
+    delta = jnp.einsum(
+        "lir,lro->lio",
+        a.astype(jnp.float32),
+        b.astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+
+
+def merge_adapter(model: nnx.Module, cfg: ModelConfig, adapter_dir) -> None:
+    """Fold a PEFT adapter directory into a jaxsft model's kernels, reading only what peft
+    reads: adapter_config.json (r, lora_alpha, use_rslora, target_modules) and the tensors."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    r = int(config["r"])
+    scale = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
+    targets = set(config["target_modules"])
+    with safe_open(os.path.join(adapter_dir, ADAPTER_FILE), framework="np") as f:
+        unused = set(f.keys())
+        for entry in weight_table(cfg):
+            if not (entry.stacked and entry.path[-1] == "kernel" and entry.path[-2] in targets):
+                continue
+            keys = {
+                n: [peft_key(k, n) for k in hf_keys(entry, cfg.num_layers)]
+                for n in ("lora_A", "lora_B")
+            }
+            missing = sorted(set(keys["lora_A"] + keys["lora_B"]) - unused)
+            if missing:
+                raise ExportCheckError(f"{adapter_dir}: no tensor {missing[0]!r}")
+            unused -= set(keys["lora_A"] + keys["lora_B"])
+            a = np.stack([f.get_tensor(k).T for k in keys["lora_A"]])  # [L, in, r]
+            b = np.stack([f.get_tensor(k).T for k in keys["lora_B"]])  # [L, r, out]
+            var = module_at(model, entry.path)
+            L, d_in, d_out = var.shape
+            if a.shape != (L, d_in, r) or b.shape != (L, r, d_out):
+                raise ExportCheckError(
+                    f"{adapter_dir}: {keys['lora_A'][0]} and lora_B give "
+                    f"{a.shape} x {b.shape}, the kernel is {var.shape}"
+                )
+            w = var[...]
+            var.set_value(jax.device_put(_add_lora(w, a, b, np.float32(scale)), w.sharding))
+    if unused:
+        raise ExportCheckError(f"{adapter_dir}: unexpected adapter tensors {sorted(unused)[:3]}")
+
+
+def check_adapter(
+    model, cfg: ModelConfig, adapter_dir, base_model_path, dtype: str = "float32"
+) -> float | None:
+    """Base checkpoint + written adapter (folded in by jaxsft) must give `model`'s logits."""
+    from jaxsft.hf_io import load_hf
+
+    ids = probe_ids(cfg.vocab_size)
+    want = float32_logits(model, ids)
+    # The base is reloaded in the dtype the run holds it in; the adapters went through `dtype`.
+    base_dtype = np.dtype(adapted_linears(model, cfg)[0][1].kernel.dtype).name
+    tol = max(TOLERANCES[base_dtype], TOLERANCES[dtype])
+
+    def check():
+        base, _ = load_hf(
+            base_model_path, dtype="float32", param_dtype=base_dtype, mesh=reload_mesh(model)
+        )
+        merge_adapter(base, cfg, adapter_dir)
+        got = float32_logits(base, ids)
+        return compare(got, want, tol, f"PEFT adapter {adapter_dir} on {base_model_path}")
+
+    return on_writer(check)
