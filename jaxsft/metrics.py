@@ -84,8 +84,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: _num(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(os.path.dirname(self.path), row)
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
@@ -110,6 +109,11 @@ class MetricsLogger:
         if self.tb is not None:
             self.tb.close()
         plot_loss(self.path, os.path.join(os.path.dirname(self.path), "loss.png"))
+
+
+def append_row(run_dir: str, row: dict):
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({k: _num(v) for k, v in row.items()}) + "\n")
 
 
 def _num(v):

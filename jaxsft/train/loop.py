@@ -25,6 +25,7 @@ def run(config) -> dict:
     check_run_dir(config)
     tokenizer = load_tokenizer(config.model.path)
     data = pipeline.build_datasets(config, tokenizer)
+    evals = Evals(config, data, tokenizer)
     total = total_steps(config, data)
     trainer = setup_lib.compile_steps(setup_lib.build_model_state(config, total_steps=total),
                                       config)
@@ -35,16 +36,14 @@ def run(config) -> dict:
     start = restore(ckpt, trainer, data_iter)
     if start >= total:
         ckpt.close()
-        return finish(config, trainer, data, tokenizer, start, resumed_finished=True)
+        return finish(config, trainer, evals, start, resumed_finished=True)
     log = metrics_lib.MetricsLogger(config.run_dir, total, start, enabled=is_main)
     stop = PreemptionFlag()
     end = min(total, start + config.train.stop_after) if config.train.stop_after else total
     with jax.set_mesh(trainer.mesh):
         if start == 0 and config.train.eval_at_start:
-            log.log(0, evaluate(trainer, data, config))
-        step = train_loop(config, trainer, data, data_iter, ckpt, log, start, end, stop)
-        if step == total:
-            log.log(step, evaluate(trainer, data, config))
+            log.log(0, evals(trainer))
+        step = train_loop(config, trainer, evals, data_iter, ckpt, log, start, end, stop)
     if ckpt.latest_step() != step:
         ckpt.save(step, trainer.state, data_iter, force=True)
     ckpt.close()
@@ -53,10 +52,10 @@ def run(config) -> dict:
         why = "SIGTERM" if stop.requested else "train.stop_after"
         print(f"stopped by {why} at step {step}; checkpoint saved, rerun to resume")
         return {"step": step, "stopped": True}
-    return finish(config, trainer, data, tokenizer, step)
+    return finish(config, trainer, evals, step)
 
 
-def train_loop(config, trainer, data, data_iter, ckpt, log, start, end, stop) -> int:
+def train_loop(config, trainer, evals, data_iter, ckpt, log, start, end, stop) -> int:
     """Steps start+1 .. end; returns the last completed step."""
     tc = config.train
     peak = metrics_lib.peak_flops(tc.get("peak_tflops", 0.0))
@@ -73,7 +72,7 @@ def train_loop(config, trainer, data, data_iter, ckpt, log, start, end, stop) ->
         if step % max(tc.log_every, 1) == 0 or step == end:
             log.log(step, window.flush(peak))
         if tc.eval_every and step % tc.eval_every == 0 and step < log.total:
-            log.log(step, evaluate(trainer, data, config))
+            log.log(step, evals(trainer))
         if tc.save_every and step % tc.save_every == 0:
             ckpt.save(step, trainer.state, data_iter)
         log.advance(step)
@@ -114,7 +113,45 @@ class Window:
         return row
 
 
-def evaluate(trainer, data, config) -> dict:
+class Evals:
+    """What is evaluated on eval steps: held-out loss (data.eval), the golden set (eval.golden,
+    greedy generation) and the multiple-choice regression file (eval.mc). Files are read and
+    validated at start, before anything is written."""
+
+    def __init__(self, config, data, tokenizer):
+        from jaxsft.golden import load_golden
+        from jaxsft.mc import load_mc
+
+        self.config, self.data, self.tokenizer = config, data, tokenizer
+        e = config.eval
+        self.golden = load_golden(e.golden, max_rows=e.max_rows) if e.golden else None
+        self.mc = load_mc(e.mc, max_rows=e.max_rows) if e.mc else None
+        # Generation runs host-local; multi-host runs log the held-out loss only.
+        if jax.process_count() > 1:
+            self.golden = self.mc = None
+
+    def __call__(self, trainer, details: dict | None = None) -> dict:
+        out = held_out_loss(trainer, self.data, self.config)
+        if self.golden or self.mc:
+            from jaxsft.golden import golden_eval
+            from jaxsft.mc import mc_eval
+
+            model = trainer.model()
+            if self.golden:
+                g = golden_eval(model, self.tokenizer, self.golden,
+                                self.config.eval.max_new_tokens)
+                out["golden_score"] = g["score"]
+                if details is not None:
+                    details["golden"] = g
+            if self.mc:
+                m = mc_eval(model, self.tokenizer, self.mc)
+                out["mc_accuracy"] = m["accuracy"]
+                if details is not None:
+                    details["mc"] = {k: v for k, v in m.items() if k != "rows"}
+        return out
+
+
+def held_out_loss(trainer, data, config) -> dict:
     """Held-out loss over data.eval (empty dict when there is no eval set)."""
     if data.eval is None:
         return {}
@@ -170,22 +207,67 @@ def write_run_files(config, report: dict):
         json.dump(report, f, indent=2, default=str)
 
 
-def finish(config, trainer, data, tokenizer, step, resumed_finished=False) -> dict:
-    """Final eval, export per export.format, and a summary (also for an already finished run)."""
-    with jax.set_mesh(trainer.mesh):
-        summary = {"step": step, **evaluate(trainer, data, config)}
-    summary = {k: round(v, 6) if isinstance(v, float) else v for k, v in summary.items()}
-    if resumed_finished:
-        print(f"run already finished at step {step}: {json.dumps(summary)}")
+def finish(config, trainer, evals, step, resumed_finished=False) -> dict:
+    """Final evals (logged at the last step), export per export.format, and a before/after
+    summary; an already finished run only reports."""
+    summary_path = os.path.join(config.run_dir, "summary.json")
+    if resumed_finished and os.path.exists(summary_path):
+        with open(summary_path) as f:
+            summary = json.load(f)
+        print(f"run already finished at step {step}")
+        print(format_summary(summary))
         return summary
+    details = {}
+    with jax.set_mesh(trainer.mesh):
+        after = evals(trainer, details)
+    summary = {"step": step, "before": logged_at(config.run_dir, 0), "after": after}
+    if jax.process_index() == 0:
+        metrics_lib.append_row(config.run_dir, {"step": step, **after})
+        metrics_lib.plot_loss(os.path.join(config.run_dir, "metrics.jsonl"),
+                              os.path.join(config.run_dir, "loss.png"))
     from jaxsft.train import hooks
 
-    summary.update(hooks.after_training(config, trainer, tokenizer))
+    summary["exported"] = hooks.after_training(config, trainer, evals.tokenizer)
     if jax.process_index() == 0:
-        with open(os.path.join(config.run_dir, "summary.json"), "w") as f:
+        with open(summary_path, "w") as f:
             json.dump(summary, f, indent=2)
-    print(json.dumps(summary))
+        if "golden" in details:
+            with open(os.path.join(config.run_dir, "golden_after.json"), "w") as f:
+                json.dump(details["golden"], f, indent=2)
+        print(format_summary(summary))
     return summary
+
+
+def logged_at(run_dir: str, step: int) -> dict:
+    """The eval metrics metrics.jsonl holds for `step` (e.g. the before-training evals)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    out = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                row = json.loads(line)
+                if row.get("step") == step and "loss" not in row:
+                    out.update({k: v for k, v in row.items() if k != "step"})
+    return out
+
+
+def format_summary(summary: dict) -> str:
+    """A before/after table of the evals."""
+    before, after = summary.get("before", {}), summary.get("after", {})
+    keys = [k for k in ("eval_loss", "eval_token_accuracy", "golden_score", "mc_accuracy")
+            if k in before or k in after]
+    lines = [f"step {summary.get('step')}: evaluation before -> after training",
+             f"{'metric':<22}{'before':>10}{'after':>10}"]
+    for k in keys:
+        b, a = before.get(k), after.get(k)
+        lines.append(f"{k:<22}{_fmt(b):>10}{_fmt(a):>10}")
+    for kind, path in (summary.get("exported") or {}).items():
+        lines.append(f"exported {kind}: {path}")
+    return "\n".join(lines)
+
+
+def _fmt(v):
+    return "-" if v is None else f"{v:.4f}"
 
 
 class PreemptionFlag:
