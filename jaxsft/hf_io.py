@@ -175,6 +175,9 @@ class SafetensorsReader(contextlib.AbstractContextManager):
     def __init__(self, path: str):
         self.path = path
         files = self._files(path)
+        index = os.path.join(path, "model.safetensors.index.json")
+        # Where a missing key is reported: the index, or the single weights file.
+        self.source = index if os.path.isfile(index) else files[0] if len(files) == 1 else path
         self._stack = contextlib.ExitStack()
         self._handles = {}
         self._where = {}
@@ -221,7 +224,7 @@ class SafetensorsReader(contextlib.AbstractContextManager):
 
     def _get(self, key: str):
         if key not in self._handles:
-            raise UserError(f"missing tensor {key!r}", where=self.path,
+            raise UserError(f"missing tensor {key!r}", where=self.source,
                             hint="the checkpoint does not match its config.json")
         self._used.add(key)
         return self._handles[key]

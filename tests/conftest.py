@@ -47,10 +47,13 @@ def pytest_terminal_summary(terminalreporter):
         tr.write_line(f"{name}: {seconds:.1f} s")
     for key in sorted(PARITY_RECORD):
         r = PARITY_RECORD[key]
-        tr.write_line(
+        line = (
             f"{key:45s} max_abs_err={r['max_abs_err']:.3e} logit_scale={r['logit_scale']:.3f} "
             f"rel={r['rel_err']:.3e} tol={r['tol']:.1e}"
         )
+        if "hf_bf16_rel_err" in r:
+            line += f" (transformers bf16: {r['hf_bf16_rel_err']:.3e})"
+        tr.write_line(line)
     payload = {"timings_s": _TIMINGS, "parity": PARITY_RECORD}
     targets = []
     if _BASETEMP:

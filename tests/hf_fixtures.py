@@ -2,18 +2,16 @@
 
 One checkpoint per family and per quirk the loader must handle:
 
-| name                 | what it exercises                                                         |
-|----------------------|---------------------------------------------------------------------------|
-| `llama`              | GQA (4 q heads, 2 kv heads), llama3 rope scaling that changes frequencies  |
-|                      | at these sizes (original_max_position_embeddings=64), untied lm_head      |
-| `llama_tied`         | Llama-3.2 style tied embeddings (no lm_head.weight in the file)           |
-| `qwen2`              | q/k/v bias (non-zero), tied, `sliding_window` set but `use_sliding_window` |
-|                      | false (as in the published Qwen2.5 configs: the window must be ignored)   |
-| `qwen3`              | q/k RMSNorm, explicit head_dim (32) != hidden/heads (16), untied          |
-| `mistral`            | sliding_window=8, which matters at the T=24 used by the parity tests      |
-| `llama_sharded_bf16` | bfloat16 weights in several safetensors shards + model.safetensors.index  |
-| `llama_4x_config`    | config.json in the transformers 4.x style: top-level rope_theta and       |
-|                      | rope_scaling (no rope_parameters), no head_dim, torch_dtype               |
+- `llama`: GQA (4 q heads, 2 kv heads), llama3 rope scaling that changes the frequencies at
+  these sizes (original_max_position_embeddings=64), untied lm_head;
+- `llama_tied`: Llama-3.2 style tied embeddings (no lm_head.weight in the file);
+- `qwen2`: q/k/v bias (non-zero), tied, 3 layers, `sliding_window` set but `use_sliding_window`
+  false (as in the published Qwen2.5 configs: the window must be ignored);
+- `qwen3`: q/k RMSNorm, explicit head_dim (32) != hidden / heads (16), untied;
+- `mistral`: sliding_window=8, which matters at the T=24 used by the parity tests;
+- `llama_sharded_bf16`: bfloat16 weights in 4 safetensors shards + model.safetensors.index.json;
+- `llama_4x_config`: config.json in the transformers 4.x style: top-level rope_theta and
+  rope_scaling (no rope_parameters), no head_dim, torch_dtype.
 
 Every RMSNorm weight is random (not ones) so that a missing or misplaced norm is caught, and
 the init scale is large enough that attention is far from uniform (so RoPE and mask errors
@@ -39,6 +37,8 @@ FAMILIES = (
     "llama_sharded_bf16",
     "llama_4x_config",
 )
+# Built on demand by the tests that need them, not part of the per-family parity set.
+EXTRA = ("qwen2_layer_window",)
 
 VOCAB = 256
 HIDDEN = 64
@@ -94,6 +94,17 @@ def _hf_config(name: str):
             rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"},
             tie_word_embeddings=True,
         )
+    if name == "qwen2_layer_window":
+        # The window on layers >= max_window_layers only (HF's layer_types: full, sliding, sliding).
+        return tf.Qwen2Config(
+            **_COMMON,
+            num_hidden_layers=3,
+            use_sliding_window=True,
+            sliding_window=MISTRAL_WINDOW,
+            max_window_layers=1,
+            rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"},
+            tie_word_embeddings=True,
+        )
     if name == "qwen3":
         return tf.Qwen3Config(
             **_COMMON,
@@ -135,7 +146,7 @@ def _randomize(model, seed: int) -> None:
 
 
 def build_checkpoint(name: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Build the tiny checkpoint `name` (one of FAMILIES) into `out_dir` and return it."""
+    """Build the tiny checkpoint `name` (one of FAMILIES or EXTRA) into `out_dir`; return it."""
     import torch
     import transformers as tf
 
@@ -143,9 +154,10 @@ def build_checkpoint(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     if out.exists():
         shutil.rmtree(out)
     cfg = _hf_config(name)
-    torch.manual_seed(seed + FAMILIES.index(name))
+    offset = (FAMILIES + EXTRA).index(name)
+    torch.manual_seed(seed + offset)
     model = getattr(tf, _MODEL_CLASS[cfg.model_type])(cfg).eval()
-    _randomize(model, seed + FAMILIES.index(name))
+    _randomize(model, seed + offset)
     if name == "llama_sharded_bf16":
         model = model.to(torch.bfloat16)
         # ~32 KB per embedding/lm_head, ~74 KB per layer in bf16: several shards.
@@ -177,26 +189,29 @@ def build_all(root: str | Path, seed: int = 0) -> dict[str, Path]:
     return {name: build_checkpoint(name, root / name, seed) for name in FAMILIES}
 
 
-@functools.lru_cache(maxsize=None)
-def _hf_model(path: str):
+@functools.cache
+def _hf_model(path: str, dtype: str):
     import torch
     import transformers as tf
 
     return tf.AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="eager", local_files_only=True
+        path, dtype=getattr(torch, dtype), attn_implementation="eager", local_files_only=True
     ).eval()
 
 
-def hf_model(path: str | Path):
-    """The transformers model of a saved checkpoint: float32, eager attention (cached)."""
-    return _hf_model(str(path))
+def hf_model(path: str | Path, dtype: str = "float32"):
+    """The transformers model of a saved checkpoint, eager attention (cached)."""
+    return _hf_model(str(path), dtype)
 
 
-def hf_logits(path, input_ids, attention_mask=None, position_ids=None) -> np.ndarray:
-    """Reference logits [B, T, V] float32 from transformers (float32, eager attention)."""
+def hf_logits(
+    path, input_ids, attention_mask=None, position_ids=None, dtype: str = "float32"
+) -> np.ndarray:
+    """Reference logits [B, T, V] as float32 numpy from transformers (eager attention),
+    computed in `dtype` ("float32" unless you want transformers' own bf16 error)."""
     import torch
 
-    model = hf_model(path)
+    model = hf_model(path, dtype)
     kw = {}
     if attention_mask is not None:
         kw["attention_mask"] = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)

@@ -12,7 +12,9 @@ from hf_fixtures import FAMILIES, MISTRAL_WINDOW, VOCAB, hf_logits, hf_model
 from safetensors import safe_open
 
 T = 24
-PARITY_TOL = 1e-4
+# A quirk must move the logits by more than this share of their scale: far above the fp32
+# (1e-4) and bf16 (3e-2) parity tolerances, so a model ignoring it fails either test.
+QUIRK_EFFECT = 0.1
 
 
 def _ids(seed=0, length=T):
@@ -74,7 +76,7 @@ def test_llama3_scaling_matters(hf_checkpoints):
         unscaled = hf_logits(path, ids)
     finally:
         rotary.inv_freq.copy_(scaled)
-    assert _rel(unscaled, ref) > 100 * PARITY_TOL
+    assert _rel(unscaled, ref) > QUIRK_EFFECT  # measured 0.34
 
 
 def test_qwen2_quirks(hf_checkpoints):
@@ -110,7 +112,7 @@ def test_mistral_window_matters(hf_checkpoints):
     finally:
         model.config.sliding_window = MISTRAL_WINDOW
     np.testing.assert_array_equal(full[:, :MISTRAL_WINDOW], ref[:, :MISTRAL_WINDOW])
-    assert _rel(full, ref) > 100 * PARITY_TOL
+    assert _rel(full, ref) > QUIRK_EFFECT  # measured 1.16
 
 
 def test_sharded_bf16(hf_checkpoints):

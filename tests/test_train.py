@@ -10,11 +10,9 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from train_utils import FAST, ROOT, losses, run_main, subprocess_env
 
 pytestmark = pytest.mark.filterwarnings("ignore")

@@ -48,6 +48,9 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False  # RMSNorm over head_dim on q and k (Qwen3)
     sliding_window: int | None = None  # Mistral; None means full causal attention
+    # Which layers use the window (Qwen: layers >= max_window_layers, or HF `layer_types`);
+    # None: every layer, when sliding_window is set.
+    sliding_layers: tuple[bool, ...] | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -71,6 +74,9 @@ class ModelConfig:
             hf = source
         else:
             path = os.fspath(source)
+            if not os.path.exists(path):
+                raise UserError("no such file or directory", where=path,
+                                hint="model.path must be a local HF checkpoint directory")
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
             where = path
@@ -141,9 +147,7 @@ def _parse(hf: dict, where: str) -> ModelConfig:
         num_heads = int(hf["num_attention_heads"])
         hidden = int(hf["hidden_size"])
         rope_theta, rope_scaling = _read_rope(hf, where)
-        sliding = hf.get("sliding_window")
-        if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
-            sliding = None
+        sliding, sliding_layers = _read_window(hf, model_type)
         eos = hf.get("eos_token_id")
         eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
         attention_bias = bool(hf.get("attention_bias", False))
@@ -166,6 +170,7 @@ def _parse(hf: dict, where: str) -> ModelConfig:
             mlp_bias=bool(hf.get("mlp_bias", False)),
             qk_norm=model_type == "qwen3",
             sliding_window=int(sliding) if sliding else None,
+            sliding_layers=sliding_layers,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos,
             pad_token_id=hf.get("pad_token_id"),
@@ -176,6 +181,26 @@ def _parse(hf: dict, where: str) -> ModelConfig:
         raise UserError(f"missing key {e.args[0]!r}", where=where) from None
     except (TypeError, ValueError) as e:
         raise UserError(f"bad value: {e}", where=where) from None
+
+
+def _read_window(hf: dict, model_type: str) -> tuple[int | None, tuple[bool, ...] | None]:
+    """(sliding window, per-layer use of it) as transformers resolves them."""
+    window = hf.get("sliding_window")
+    n = int(hf["num_hidden_layers"])
+    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        return None, None
+    if not window:
+        return None, None
+    if hf.get("layer_types"):
+        layers = tuple(t == "sliding_attention" for t in hf["layer_types"])
+    elif model_type in ("qwen2", "qwen3"):
+        first = int(hf.get("max_window_layers", 28))
+        layers = tuple(i >= first for i in range(n))
+    else:
+        return int(window), None
+    if not any(layers):
+        return None, None
+    return int(window), None if all(layers) else layers
 
 
 def _read_rope(hf: dict, where: str) -> tuple[float, dict | None]:

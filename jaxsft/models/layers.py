@@ -25,7 +25,7 @@ def _param(rngs, shape, names, dtype, init="normal", kind=nnx.Param):
         value = jax.random.uniform(rngs.params(), shape, dtype, -bound, bound)
     else:
         value = (INIT_STD * jax.random.normal(rngs.params(), shape)).astype(dtype)
-    return kind(value, sharding_names=names, eager_sharding=False)
+    return kind(value, out_sharding=names, eager_sharding=False)
 
 
 def matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:

@@ -152,8 +152,7 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(idx, (B, T))
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
-        mask = attention.attention_mask(segment_ids, segment_ids, idx, idx,
-                                        self.cfg.sliding_window)
+        mask = self._masks(segment_ids, segment_ids, idx, idx)
         x, _ = self._run_layers(input_ids, positions, mask)
         return self.norm(x)
 
@@ -187,24 +186,36 @@ class Transformer(nnx.Module):
         seg = jax.lax.dynamic_update_slice_in_dim(cache["seg"], segment_ids, index, axis=1)
         q_idx = index + jnp.arange(T, dtype=jnp.int32)
         k_idx = jnp.arange(seg.shape[1], dtype=jnp.int32)
-        mask = attention.attention_mask(segment_ids, seg, q_idx, k_idx, self.cfg.sliding_window)
-        mask &= (seg != 0)[:, None, :]
+        valid = (seg != 0)[:, None, :]
+        mask = tuple(m & valid for m in self._masks(segment_ids, seg, q_idx, k_idx))
         x, kv = self._run_layers(input_ids, positions, mask, (cache["k"], cache["v"]), index)
         cache = {"k": kv[0], "v": kv[1], "seg": seg, "index": index + T}
         return self.logits(self.norm(x)), cache
 
-    def _run_layers(self, input_ids, positions, mask, kv=None, index=None):
+    def _masks(self, q_seg, k_seg, q_idx, k_idx):
+        """(full mask, windowed mask): the second is None without per-layer windows."""
+        c = self.cfg
+        full = attention.attention_mask(q_seg, k_seg, q_idx, k_idx,
+                                        None if c.sliding_layers else c.sliding_window)
+        if not c.sliding_layers:
+            return (full,)
+        return full, attention.attention_mask(q_seg, k_seg, q_idx, k_idx, c.sliding_window)
+
+    def _run_layers(self, input_ids, positions, masks, kv=None, index=None):
+        """masks: (mask,) for every layer, or (full, windowed) chosen per layer."""
         x = constrain(self.embed_tokens(input_ids), "batch", None, None)
         cos, sin = rope_tables(positions, np.asarray(self.rope[0]), self.rope[1])
         graphdef, state = nnx.split(self.layers)
         impl = self.attention_impl
+        windowed = jnp.asarray(self.cfg.sliding_layers or (False,) * self.cfg.num_layers)
 
         def body(x, xs):
-            layer_state, layer_kv = xs
+            layer_state, layer_kv, use_window = xs
+            mask = masks[0] if len(masks) == 1 else jnp.where(use_window, masks[1], masks[0])
             block = nnx.merge(graphdef, layer_state)
             return block(x, cos, sin, mask, impl, layer_kv, index)
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        return jax.lax.scan(body, x, (state, kv))
+        return jax.lax.scan(body, x, (state, kv, windowed))
 

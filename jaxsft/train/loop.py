@@ -13,7 +13,7 @@ import numpy as np
 from jaxsft import config as config_lib
 from jaxsft import metrics as metrics_lib
 from jaxsft.checkpoint import Checkpointer
-from jaxsft.data import pipeline
+from jaxsft.data import check, pipeline
 from jaxsft.errors import UserError
 from jaxsft.tokenizer import load_tokenizer
 from jaxsft.train import setup as setup_lib
@@ -203,8 +203,7 @@ def write_run_files(config, report: dict):
     os.makedirs(config.run_dir, exist_ok=True)
     with open(os.path.join(config.run_dir, "config.json"), "w") as f:
         f.write(config_lib.to_json(config))
-    with open(os.path.join(config.run_dir, "data_report.json"), "w") as f:
-        json.dump(report, f, indent=2, default=str)
+    check.write_report(config.run_dir, report)
 
 
 def finish(config, trainer, evals, step, resumed_finished=False) -> dict:

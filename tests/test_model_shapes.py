@@ -1,0 +1,284 @@
+"""Parameter counts at real sizes, from the published config.json files, with jax.eval_shape:
+nothing is allocated. Each count is the number of elements in the HF safetensors files.
+
+The dicts are the published configs (transformers 4.x style: top-level rope_theta and
+rope_scaling), trimmed of keys that do not affect the architecture.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from jaxsft.models.config import ModelConfig
+from jaxsft.models.transformer import Transformer
+
+LLAMA31_ROPE = {
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+    "rope_type": "llama3",
+}
+
+CONFIGS = {
+    "Llama-3.1-8B": {
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+        "hidden_act": "silu",
+        "hidden_size": 4096,
+        "initializer_range": 0.02,
+        "intermediate_size": 14336,
+        "max_position_embeddings": 131072,
+        "mlp_bias": False,
+        "model_type": "llama",
+        "num_attention_heads": 32,
+        "num_hidden_layers": 32,
+        "num_key_value_heads": 8,
+        "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": LLAMA31_ROPE,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.43.0.dev0",
+        "use_cache": True,
+        "vocab_size": 128256,
+    },
+    "Llama-3.2-1B": {
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+        "head_dim": 64,
+        "hidden_act": "silu",
+        "hidden_size": 2048,
+        "initializer_range": 0.02,
+        "intermediate_size": 8192,
+        "max_position_embeddings": 131072,
+        "mlp_bias": False,
+        "model_type": "llama",
+        "num_attention_heads": 32,
+        "num_hidden_layers": 16,
+        "num_key_value_heads": 8,
+        "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {**LLAMA31_ROPE, "factor": 32.0},
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.45.0.dev0",
+        "use_cache": True,
+        "vocab_size": 128256,
+    },
+    "Llama-3.1-70B": {
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+        "hidden_act": "silu",
+        "hidden_size": 8192,
+        "initializer_range": 0.02,
+        "intermediate_size": 28672,
+        "max_position_embeddings": 131072,
+        "mlp_bias": False,
+        "model_type": "llama",
+        "num_attention_heads": 64,
+        "num_hidden_layers": 80,
+        "num_key_value_heads": 8,
+        "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": LLAMA31_ROPE,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.43.0.dev0",
+        "use_cache": True,
+        "vocab_size": 128256,
+    },
+    "Qwen2.5-7B": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151643,
+        "hidden_act": "silu",
+        "hidden_size": 3584,
+        "initializer_range": 0.02,
+        "intermediate_size": 18944,
+        "max_position_embeddings": 131072,
+        "max_window_layers": 28,
+        "model_type": "qwen2",
+        "num_attention_heads": 28,
+        "num_hidden_layers": 28,
+        "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "sliding_window": 131072,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.43.1",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": 152064,
+    },
+    "Qwen3-8B": {
+        "architectures": ["Qwen3ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "head_dim": 128,
+        "hidden_act": "silu",
+        "hidden_size": 4096,
+        "initializer_range": 0.02,
+        "intermediate_size": 12288,
+        "max_position_embeddings": 40960,
+        "max_window_layers": 36,
+        "model_type": "qwen3",
+        "num_attention_heads": 32,
+        "num_hidden_layers": 36,
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1000000,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.51.0",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": 151936,
+    },
+    "Qwen3-0.6B": {
+        "architectures": ["Qwen3ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "head_dim": 128,
+        "hidden_act": "silu",
+        "hidden_size": 1024,
+        "initializer_range": 0.02,
+        "intermediate_size": 3072,
+        "max_position_embeddings": 40960,
+        "max_window_layers": 28,
+        "model_type": "qwen3",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 28,
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1000000,
+        "sliding_window": None,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.51.0",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": 151936,
+    },
+}
+
+PARAM_COUNTS = {
+    "Llama-3.1-8B": 8_030_261_248,
+    "Llama-3.2-1B": 1_235_814_400,
+    "Llama-3.1-70B": 70_553_706_496,
+    "Qwen2.5-7B": 7_615_616_512,
+    "Qwen3-8B": 8_190_735_360,
+    "Qwen3-0.6B": 596_049_920,
+}
+
+
+def _abstract(cfg):
+    return nnx.eval_shape(
+        lambda: Transformer(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    )
+
+
+def _variables(model) -> dict[str, nnx.Variable]:
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return {".".join(map(str, path)): var for path, var in flat}
+
+
+def _params(model) -> dict[str, jax.ShapeDtypeStruct]:
+    return {path: var.get_value() for path, var in _variables(model).items()}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_param_count(name):
+    hf = CONFIGS[name]
+    cfg = ModelConfig.from_hf(hf)
+    params = _params(_abstract(cfg))
+    for path, x in params.items():
+        assert isinstance(x, jax.ShapeDtypeStruct), f"{path} was allocated: {type(x)}"
+        assert x.dtype == jnp.float32, f"{path}: master weights are {x.dtype}"
+    count = sum(math.prod(x.shape) for x in params.values())
+    assert count == PARAM_COUNTS[name], f"{name}: {count:,} != {PARAM_COUNTS[name]:,}"
+
+    # Layout of docs/architecture.md: stacked layers, [in, out] kernels, no lm_head when tied.
+    L, D, V = hf["num_hidden_layers"], hf["hidden_size"], hf["vocab_size"]
+    N, K = hf["num_attention_heads"], hf["num_key_value_heads"]
+    H = hf.get("head_dim") or D // N
+    assert params["embed_tokens.embedding"].shape == (V, D)
+    assert params["layers.self_attn.q_proj.kernel"].shape == (L, D, N * H)
+    assert params["layers.self_attn.k_proj.kernel"].shape == (L, D, K * H)
+    assert params["layers.self_attn.o_proj.kernel"].shape == (L, N * H, D)
+    assert params["layers.mlp.down_proj.kernel"].shape == (L, hf["intermediate_size"], D)
+    assert params["layers.input_layernorm.scale"].shape == (L, D)
+    assert params["norm.scale"].shape == (D,)
+    if hf["tie_word_embeddings"]:
+        assert not any(p.startswith("lm_head") for p in params)
+    else:
+        assert params["lm_head.kernel"].shape == (D, V)
+    if hf["model_type"] == "qwen2":
+        assert params["layers.self_attn.q_proj.bias"].shape == (L, N * H)
+    if hf["model_type"] == "qwen3":
+        assert params["layers.self_attn.q_norm.scale"].shape == (L, H)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_config_reading(name):
+    """The architecture fields ModelConfig reads from the published 4.x-style configs."""
+    hf = CONFIGS[name]
+    cfg = ModelConfig.from_hf(hf)
+    assert cfg.rope_theta == float(hf["rope_theta"])
+    assert cfg.head_dim == (hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"])
+    assert cfg.tie_word_embeddings == hf["tie_word_embeddings"]
+    assert cfg.rope_scaling == (hf.get("rope_scaling") or None)
+    assert cfg.sliding_window is None  # Qwen2.5's window is switched off by use_sliding_window
+    assert cfg.qkv_bias == (hf["model_type"] == "qwen2")
+    assert cfg.qk_norm == (hf["model_type"] == "qwen3")
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+
+
+def test_logical_axis_names():
+    """Every parameter carries logical axis names, one per dimension (docs/architecture.md)."""
+    cfg = ModelConfig.from_hf(CONFIGS["Qwen2.5-7B"])
+    model = _abstract(cfg)
+    known = {"vocab", "embed", "q_heads", "kv_heads", "mlp", "layers", "norm", "head_dim"}
+    for where, var in _variables(model).items():
+        meta = var.get_metadata()  # flax 0.12 stores sharding_names as out_sharding
+        names = meta.get("out_sharding") or meta.get("sharding_names")
+        assert names is not None and len(names) == var.get_value().ndim, (where, names)
+        assert set(names) <= known, (where, names)
+        if where.startswith("layers."):
+            assert names[0] == "layers", (where, names)
+
+
+def test_hf_io_abstract_model():
+    """jaxsft.hf_io.abstract_model (what load_hf fills) has the same parameters."""
+    from jaxsft.hf_io import abstract_model
+
+    cfg = ModelConfig.from_hf(CONFIGS["Llama-3.2-1B"])
+    params = _params(abstract_model(cfg, dtype="bfloat16", param_dtype="float32"))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in params.values())
+    assert sum(math.prod(x.shape) for x in params.values()) == PARAM_COUNTS["Llama-3.2-1B"]

@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Write N synthetic conversations (OpenAI `messages` JSONL), seeded, for pipeline benchmarks
+and for seeing what `python -m jaxsft.data check` reports.
+
+    python tools/make_synthetic_data.py --out /tmp/syn/train.jsonl --n 10000 --seed 0 \
+        [--eval-out /tmp/syn/eval.jsonl --n-eval 200]
+
+Conversations are 1-4 turns with an optional system prompt, some tool turns and code blocks.
+On purpose about 1% are exact duplicates, 1% near duplicates (one word changed), 0.5% hold
+placeholders ("TODO", "lorem ipsum", "{{name}}"), 0.5% have an unbalanced ``` fence and 1% of
+the replies are refusals. The eval file (optional) repeats a few training rows (leakage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+
+WORDS = (
+    "time person year way day thing world life hand part child eye place work week case point "
+    "company number group problem fact system program question home water room area money story "
+    "month book word business issue side kind head house service friend power hour game line end "
+    "member law car city name team idea body information level office door health art history "
+    "party result change reason research moment air force education age policy process music "
+    "market sense plan interest experience effect class control field role rate heart model "
+    "data token layer kernel matrix vector gradient batch sequence function memory network"
+).split()
+VERBS = (
+    "is has makes takes uses finds gives shows keeps moves builds explains computes stores".split()
+)
+SYSTEMS = [
+    "You are a helpful assistant.",
+    "You are a concise assistant. Answer briefly.",
+    "You are an expert tutor who explains ideas step by step.",
+]
+REFUSALS = [
+    "I'm sorry, but I can't help with that.",
+    "As an AI language model, I cannot do that.",
+    "I cannot assist with this request.",
+]
+
+
+def sentence(rng: random.Random) -> str:
+    n = rng.randint(6, 16)
+    words = [rng.choice(WORDS if k % 3 else VERBS) for k in range(n)]
+    return " ".join(words).capitalize() + "."
+
+
+def paragraph(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(sentence(rng) for _ in range(rng.randint(lo, hi)))
+
+
+def reply(rng: random.Random) -> str:
+    r = rng.random()
+    if r < 0.15:
+        code = "\n".join(f"x{k} = {rng.randint(0, 99)}" for k in range(rng.randint(2, 6)))
+        return f"{paragraph(rng, 1, 2)}\n```python\n{code}\n```\n{sentence(rng)}"
+    return paragraph(rng, 1, 8)
+
+
+def conversation(rng: random.Random) -> dict:
+    msgs = []
+    if rng.random() < 0.6:
+        msgs.append({"role": "system", "content": rng.choice(SYSTEMS)})
+    for _ in range(rng.choices([1, 2, 3, 4], [0.5, 0.3, 0.15, 0.05])[0]):
+        msgs.append({"role": "user", "content": paragraph(rng, 1, 3).rstrip(".") + "?"})
+        if rng.random() < 0.05:
+            msgs.append({"role": "assistant", "content": "Let me look that up."})
+            msgs.append({"role": "tool", "content": json.dumps({"result": sentence(rng)})})
+        msgs.append({"role": "assistant", "content": reply(rng)})
+    return {"messages": msgs}
+
+
+def corrupt(rng: random.Random, row: dict, rows: list) -> dict:
+    """Turn a fresh row into one of the planted problems (or leave it)."""
+    r = rng.random()
+    last = row["messages"][-1]
+    if r < 0.01 and rows:
+        return copy.deepcopy(rng.choice(rows))  # exact duplicate
+    if r < 0.02 and rows:
+        near = copy.deepcopy(rng.choice(rows))  # near duplicate: one word changed
+        words = near["messages"][-1]["content"].split(" ")
+        words[rng.randrange(len(words))] = rng.choice(WORDS)
+        near["messages"][-1]["content"] = " ".join(words)
+        return near
+    if r < 0.025:
+        last["content"] = rng.choice(["TODO", "Lorem ipsum dolor sit amet.", "Dear {{name}},"])
+    elif r < 0.03:
+        last["content"] += "\n```python\nprint('unclosed')"
+    elif r < 0.04:
+        last["content"] = rng.choice(REFUSALS)
+    return row
+
+
+def generate(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    for _ in range(n):
+        rows.append(corrupt(rng, conversation(rng), rows))
+    return rows
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=10000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-out", default="")
+    p.add_argument("--n-eval", type=int, default=200)
+    args = p.parse_args()
+    rows = generate(args.n, args.seed)
+    write_jsonl(args.out, rows)
+    print(f"wrote {len(rows)} rows to {args.out}")
+    if args.eval_out:
+        rng = random.Random(args.seed + 1)
+        evals = generate(args.n_eval, args.seed + 1)
+        for k in range(min(5, len(evals))):  # planted leakage
+            evals[k] = copy.deepcopy(rng.choice(rows))
+        write_jsonl(args.eval_out, evals)
+        print(f"wrote {len(evals)} rows to {args.eval_out}")
+
+
+if __name__ == "__main__":
+    main()
