@@ -171,8 +171,9 @@ def validate(cfg, where=None):
     if bad:
         raise UserError(f"lora.targets: unknown module {bad[0]!r}", where=where,
                         hint=f"choose among {', '.join(ALL_TARGETS)}")
-    if cfg.export.format == "peft" and cfg.lora.rank == 0:
-        raise UserError("export.format=peft needs a LoRA run (lora.rank > 0)", where=where)
+    if cfg.export.format in ("peft", "both") and cfg.lora.rank == 0:
+        raise UserError(f"export.format={cfg.export.format} needs a LoRA run (lora.rank > 0)",
+                        where=where, hint="use export.format=merged for full fine-tuning")
 
 
 def to_json(cfg) -> str:

@@ -31,6 +31,7 @@ from jaxsft.export_files import (
     copy_tokenizer,
     host_array,
     is_writer,
+    refuse_overwrite,
     write_generation_config,
     write_json,
     write_safetensors,
@@ -60,13 +61,7 @@ def export_dtype(dtype: str, cfg: ModelConfig) -> str:
 
 def hf_config(cfg: ModelConfig, dtype_name: str) -> dict:
     """config.json in the source's style, with the dtype key (4.x torch_dtype, 5.x dtype) set."""
-    hf = cfg.to_hf()
-    source = cfg.hf_config or {}
-    key = "torch_dtype" if "torch_dtype" in source else "dtype"
-    hf[key] = dtype_name
-    if key == "dtype" and "torch_dtype" not in source:
-        hf.pop("torch_dtype", None)
-    return hf
+    return cfg.to_hf(dtype=dtype_name)
 
 
 class _Leaf:
@@ -168,6 +163,8 @@ def export_merged(
     generation_config.json are copied. Only process 0 writes; all processes must call this.
     """
     name = export_dtype(dtype, cfg)
+    if tokenizer_dir is not None:
+        refuse_overwrite(out_dir, tokenizer_dir)
     np_dtype = np.dtype(DTYPES[name])
     plan = _plan(model, cfg, np_dtype)
     write = is_writer()

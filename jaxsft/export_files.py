@@ -189,6 +189,16 @@ def atomic_dir(out_dir: str | os.PathLike, *, write: bool = True) -> Iterator[Pa
     shutil.rmtree(old, ignore_errors=True)
 
 
+def refuse_overwrite(out_dir, source) -> None:
+    """An export never replaces the checkpoint it reads from (model.path)."""
+    if Path(out_dir).resolve() == Path(source).resolve():
+        raise UserError(
+            "the export directory is the base checkpoint itself",
+            where=out_dir,
+            hint="export into the run directory or another --out",
+        )
+
+
 def copy_tokenizer(src: str | os.PathLike, out_dir: Path) -> list[str]:
     """Copy the tokenizer files (and chat template) of a checkpoint dir; return their names."""
     src = Path(src)

@@ -36,6 +36,7 @@ from jaxsft.export_files import (
     atomic_dir,
     host_layer,
     is_writer,
+    refuse_overwrite,
     write_json,
     write_safetensors,
 )
@@ -125,6 +126,7 @@ def export_peft(
             "a PEFT adapter needs a LoRA run (lora.rank > 0)",
             hint="use --format merged for a full fine-tuning run",
         )
+    refuse_overwrite(out_dir, base_model_path)
     adapted = {e.path[-2] for e, _ in adapted_linears(model, cfg)}
     assert adapted == set(lora_cfg.targets), (adapted, lora_cfg.targets)
     np_dtype = np.dtype(DTYPES[dtype])

@@ -101,9 +101,8 @@ def load_hf(path, dtype="float32", param_dtype="float32", *, mesh=None,
             var = _variable(state, entry.path)
             var.set_value(_load_entry(reader, entry, var, cfg, devices))
         reader.check_all_used()
-    key = jax.random.key(seed)
     for i, (p, var) in enumerate(sorted(nnx.to_flat_state(state.filter(LoRAParam)))):
-        var.set_value(_init_adapter(jax.random.fold_in(key, i), p, var, devices))
+        var.set_value(_init_adapter(np.random.default_rng([seed, i]), p, var, devices))
     return nnx.merge(graphdef, state), cfg
 
 
@@ -122,12 +121,12 @@ def _variable(state, path):
 
 def _sharding(var, mesh):
     names = var.get_metadata().get("out_sharding")
-    return named_sharding(mesh, names, var.value.shape)
+    return named_sharding(mesh, names, var.get_value().shape)
 
 
 def _load_entry(reader, entry: Entry, var, cfg: ModelConfig, mesh):
-    shape = tuple(var.value.shape)
-    dtype = var.value.dtype
+    shape = tuple(var.get_value().shape)
+    dtype = var.get_value().dtype
     keys = hf_keys(entry, cfg.num_layers)
     want = shape[1:] if entry.stacked else shape
     want_hf = want[::-1] if entry.transpose else want
@@ -159,14 +158,16 @@ def _load_entry(reader, entry: Entry, var, cfg: ModelConfig, mesh):
     return jax.make_array_from_callback(shape, _sharding(var, mesh), callback)
 
 
-def _init_adapter(key, path, var, mesh):
-    shape, dtype = var.value.shape, var.value.dtype
-    sharding = _sharding(var, mesh)
+def _init_adapter(rng: np.random.Generator, path, var, mesh):
+    """lora_a ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform(a=sqrt(5))), lora_b = 0.
+    Drawn on the host from a seeded generator, so every host builds the same values."""
+    shape, dtype = var.get_value().shape, var.get_value().dtype
     if path[-1] == "lora_b":
-        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
-    bound = 1.0 / np.sqrt(shape[-2])  # fan-in of lora_a [L, in, r]
-    return jax.jit(lambda k: jax.random.uniform(k, shape, dtype, -bound, bound),
-                   out_shardings=sharding)(key)
+        full = np.zeros(shape, dtype)
+    else:
+        bound = 1.0 / np.sqrt(shape[-2])  # fan-in of lora_a [L, in, r]
+        full = rng.uniform(-bound, bound, shape).astype(dtype)
+    return jax.make_array_from_callback(shape, _sharding(var, mesh), lambda idx: full[idx])
 
 
 class SafetensorsReader(contextlib.AbstractContextManager):
@@ -247,7 +248,7 @@ def hf_tensors(state, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray, Entry
     """(HF key, host array in HF layout, entry) for every tensor of the table, one at a time."""
     for entry in weight_table(cfg):
         value = _variable(state, entry.path)
-        value = value.value if hasattr(value, "value") else value
+        value = value.get_value() if isinstance(value, nnx.Variable) else value
         if entry.stacked:
             for i, key in enumerate(hf_keys(entry, cfg.num_layers)):
                 arr = np.asarray(jax.device_get(value[i]))

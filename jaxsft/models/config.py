@@ -92,8 +92,9 @@ class ModelConfig:
                 raise UserError(f"cannot read config.json: {e}", where=path) from None
         return _parse(hf, where)
 
-    def to_hf(self) -> dict:
-        """The config.json dict, in the style of the checkpoint it came from."""
+    def to_hf(self, dtype: str | None = None) -> dict:
+        """The config.json dict, in the style of the checkpoint it came from; `dtype` (default:
+        the source's) goes under the key that style uses (torch_dtype in 4.x, dtype in 5.x)."""
         hf = copy.deepcopy(self.hf_config) if self.hf_config else {}
         hf.update(
             architectures=[SUPPORTED_TYPES[self.model_type]],
@@ -129,7 +130,8 @@ class ModelConfig:
         else:  # transformers 4.x style
             hf["rope_theta"] = self.rope_theta
             hf["rope_scaling"] = self.rope_scaling
-        hf.setdefault("torch_dtype", self.source_dtype)
+        dtype_key = "torch_dtype" if "torch_dtype" in (self.hf_config or {}) else "dtype"
+        hf[dtype_key] = dtype or self.source_dtype
         return hf
 
 
