@@ -28,6 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Rematerialisation per layer: "none" (keep all activations), "full" (recompute the layer),
     # "dots" (save matmul outputs without batch dims, recompute the rest).
     c.model.remat = "none"
+    # Layers per iteration of the scan over layers: 1 keeps compile time independent of depth;
+    # unrolling (e.g. all layers) lets XLA:CPU run the backward ~20% faster on small models.
+    c.model.unroll_layers = 1
     # Attention kernel: "auto" (cudnn on GPU, xla elsewhere), "xla", "cudnn".
     c.model.attention = "auto"
 

@@ -29,11 +29,13 @@ CHOICES = {
     "export.dtype": ("source", "bfloat16", "float32", "float16"),
 }
 MIXABLE = ("data.train", "data.eval")
-POSITIVE = ("data.max_length", "train.batch_size", "train.grad_accum", "train.learning_rate",
+POSITIVE = ("model.unroll_layers", "data.max_length", "train.batch_size", "train.grad_accum",
+            "train.learning_rate",
             "train.loss_chunk")
 NON_NEGATIVE = ("train.max_steps", "train.num_epochs", "train.warmup_ratio", "train.end_lr_ratio",
                 "train.weight_decay", "train.max_grad_norm", "train.log_every", "train.eval_every",
-                "train.save_every", "train.kl_to_base", "train.stop_after", "train.peak_tflops", "lora.rank", "eval.max_rows")
+                "train.save_every", "train.kl_to_base", "train.stop_after", "train.peak_tflops",
+                "lora.rank", "eval.max_rows")
 
 
 def load(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:

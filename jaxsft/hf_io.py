@@ -75,25 +75,26 @@ def hf_keys(entry: Entry, num_layers: int) -> list[str]:
 
 
 def abstract_model(cfg: ModelConfig, *, dtype="bfloat16", param_dtype="float32",
-                   lora: LoraConfig | None = None, remat="none", attention_impl="auto"):
-    """The model with ShapeDtypeStruct leaves (no memory)."""
+                   lora: LoraConfig | None = None, **options):
+    """The model with ShapeDtypeStruct leaves (no memory). `options`: Transformer's runtime
+    options (remat, attention_impl, unroll)."""
     return nnx.eval_shape(lambda: Transformer(
         cfg, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype), lora=lora,
-        remat=remat, attention_impl=attention_impl, rngs=nnx.Rngs(0)))
+        rngs=nnx.Rngs(0), **options))
 
 
 def load_hf(path, dtype="float32", param_dtype="float32", *, mesh=None,
-            lora: LoraConfig | None = None, remat="none", attention_impl="auto", seed=0):
+            lora: LoraConfig | None = None, seed=0, **options):
     """Load a local HF checkpoint directory -> (Transformer, ModelConfig).
 
     `dtype` is the compute dtype, `param_dtype` the dtype weights are held in. With a mesh,
     every parameter is placed with its logical-axis sharding; LoRA adapters (if `lora`) are
-    freshly initialised (A uniform, B zero, as PEFT does).
+    freshly initialised (A uniform, B zero, as PEFT does). `options` go to the Transformer
+    (remat="none"|"full"|"dots", attention_impl="auto"|"xla"|"cudnn", unroll=1).
     """
     path = os.fspath(path)
     cfg = ModelConfig.from_hf(path)
-    model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora, remat=remat,
-                           attention_impl=attention_impl)
+    model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora, **options)
     graphdef, state = nnx.split(model)
     devices = mesh if mesh is not None else _single_device_mesh()
     with SafetensorsReader(path) as reader:

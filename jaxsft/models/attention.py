@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NEG_INF = -1e30  # finite, so fully masked (padding) rows stay NaN-free
 
@@ -27,9 +28,19 @@ def attention_mask(q_seg, k_seg, q_idx, k_idx, sliding_window: int | None = None
     return mask
 
 
+CAUSAL_BLOCK = 128  # query rows per block of the causal-skipping path
+
+
 def attend(q, k, v, mask, impl: str = "xla"):
-    """q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H] in q's dtype."""
+    """q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H] in q's dtype.
+
+    The mask must be causal (it always is here). When queries and keys are the same T
+    positions, the einsum path skips key blocks after each query block (~40% less work at
+    T=512, more for longer rows).
+    """
     if impl == "xla":
+        if q.shape[1] == k.shape[1] and q.shape[1] > CAUSAL_BLOCK:
+            return _attend_causal_blocks(q, k, v, mask, CAUSAL_BLOCK)
         return _attend_einsum(q, k, v, mask)
     out = jax.nn.dot_product_attention(
         q, k, v, mask=mask[:, None], implementation=None if impl == "auto" else impl
@@ -37,16 +48,73 @@ def attend(q, k, v, mask, impl: str = "xla"):
     return out.astype(q.dtype)
 
 
+def _attend_causal_blocks(q, k, v, mask, block):
+    """Query block i attends to keys [0, (i + 1) * block) only: later keys are masked anyway."""
+    q5, k4, v4 = _to_heads_major(q, k, v)
+    T = q.shape[1]
+    outs = []
+    for start in range(0, T, block):
+        end = min(start + block, T)
+        outs.append(_core(q5[:, :, :, start:end], k4[:, :, :end], v4[:, :, :end],
+                          mask[:, start:end, :end]))
+    return _from_heads_major(jnp.concatenate(outs, axis=3))
+
+
 def _attend_einsum(q, k, v, mask):
+    q5, k4, v4 = _to_heads_major(q, k, v)
+    return _from_heads_major(_core(q5, k4, v4, mask))
+
+
+def _to_heads_major(q, k, v):
+    """q [B, T, N, H] -> [B, K, G, T, H] (pre-scaled by 1/sqrt(H)); k, v -> [B, K, S, H]."""
     B, T, N, H = q.shape
     K = k.shape[2]
-    q = q.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (H**-0.5)
-    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
-    return out.astype(q.dtype).reshape(B, T, N, H)
+    q = (q * jnp.asarray(H**-0.5, q.dtype)).reshape(B, T, K, N // K, H)
+    return q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def _from_heads_major(o):
+    B, K, G, T, H = o.shape
+    return o.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, H)
+
+
+@jax.custom_vjp
+def _core(q, k, v, mask):
+    """Softmax attention on heads-major operands: q [B, K, G, T, H], k/v [B, K, S, H],
+    mask [B, T, S] -> [B, K, G, T, H]. Batched GEMMs over (B, K) with the G q heads of a kv
+    head stacked along the rows; float32 scores and softmax."""
+    return _core_fwd(q, k, v, mask)[0]
+
+
+def _core_fwd(q, k, v, mask):
+    B, K, G, T, H = q.shape
+    dt = q.dtype
+    s = jnp.einsum("bkqh,bksh->bkqs", q.reshape(B, K, G * T, H), k,
+                   preferred_element_type=jnp.float32).reshape(B, K, G, T, -1)
+    s = jnp.where(mask[:, None, None], s, NEG_INF)
+    p = jnp.exp(s - s.max(-1, keepdims=True))
+    p = (p / p.sum(-1, keepdims=True)).astype(dt)
+    o = jnp.einsum("bkgts,bksh->bkgth", p, v, preferred_element_type=jnp.float32).astype(dt)
+    return o, (q, k, v, p, o)
+
+
+def _core_bwd(res, do):
+    """Standard softmax-attention gradients from the saved (compute-dtype) probabilities;
+    every GEMM takes compute-dtype operands with float32 accumulation."""
+    q, k, v, p, o = res
+    dt = q.dtype
+    f32 = jnp.float32
+    dv = jnp.einsum("bkgts,bkgth->bksh", p, do, preferred_element_type=f32)
+    dp = jnp.einsum("bkgth,bksh->bkgts", do, v, preferred_element_type=f32)
+    delta = (do.astype(f32) * o.astype(f32)).sum(-1, keepdims=True)
+    ds = (p.astype(f32) * (dp - delta)).astype(dt)
+    dq = jnp.einsum("bkgts,bksh->bkgth", ds, k, preferred_element_type=f32)
+    dk = jnp.einsum("bkgts,bkgth->bksh", ds, q, preferred_element_type=f32)
+    return (dq.astype(dt), dk.astype(k.dtype), dv.astype(v.dtype),
+            np.zeros(p.shape[:1] + p.shape[3:], jax.dtypes.float0))
+
+
+_core.defvjp(_core_fwd, _core_bwd)
 
 
 def default_impl() -> str:

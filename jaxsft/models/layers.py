@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsft.models import ops
 from jaxsft.models.lora import LoraConfig, LoRAParam
 
 INIT_STD = 0.02
@@ -29,10 +30,8 @@ def _param(rngs, shape, names, dtype, init="normal", kind=nnx.Param):
 
 
 def matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
-    """x [..., i] @ w [i, o] in compute dtype with float32 accumulation."""
-    y = jnp.einsum("...i,io->...o", x.astype(dtype), w.astype(dtype),
-                   preferred_element_type=jnp.float32)
-    return y.astype(dtype)
+    """x [..., i] @ w [i, o] in compute dtype with float32 accumulation (both directions)."""
+    return ops.einsum("...i,io->...o", x, w, dtype, dtype)
 
 
 class Linear(nnx.Module):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxsft.models import attention
+from jaxsft.models import attention, ops
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.layers import Embed, Linear, RMSNorm
 from jaxsft.models.lora import LoraConfig
@@ -116,10 +116,11 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, param_dtype=jnp.float32,
                  lora: LoraConfig | None = None, remat: str = "none", attention_impl="auto",
-                 rngs: nnx.Rngs):
+                 unroll: int = 1, rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
+        self.unroll = max(1, min(int(unroll), cfg.num_layers))  # layers per scan iteration
         self.attention_impl = attention.default_impl() if attention_impl == "auto" else (
             attention_impl)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
@@ -158,8 +159,7 @@ class Transformer(nnx.Module):
 
     def logits(self, h):
         """[B, T, D] -> float32 logits [B, T, V]."""
-        return jnp.einsum("btd,dv->btv", h, self.unembed_kernel().astype(h.dtype),
-                          preferred_element_type=jnp.float32)
+        return ops.einsum("btd,dv->btv", h, self.unembed_kernel(), h.dtype, jnp.float32)
 
     def unembed_kernel(self):
         """[D, V]: lm_head, or the transposed embedding when tied."""
@@ -217,5 +217,5 @@ class Transformer(nnx.Module):
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        return jax.lax.scan(body, x, (state, kv, windowed))
+        return jax.lax.scan(body, x, (state, kv, windowed), unroll=self.unroll)
 

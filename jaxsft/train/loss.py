@@ -2,13 +2,20 @@
 
 The [tokens x V] logits are never materialised whole: tokens are reordered so supervised ones
 come first, split into chunks, and chunks without a supervised token are skipped (forward and
-backward). Returns sums, not means: the divide happens once over the global batch.
+backward). Each chunk's cross-entropy has a fused backward pass (softmax - onehot, recomputing
+the chunk's logits), so only [chunk x V] float32 logits exist at any time. Returns sums, not
+means: the divide happens once over the global batch.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from jaxsft.models import ops
 
 
 def shift_targets(input_ids, loss_mask, segment_ids):
@@ -22,7 +29,7 @@ def shift_targets(input_ids, loss_mask, segment_ids):
 
 
 def chunked_xent(h, kernel, targets, weights, *, chunk: int, dtype, base=None, kl_beta=0.0):
-    """Sums over supervised tokens: {"loss_sum", "count", "correct", "kl_sum"}.
+    """Sums over supervised tokens: {"loss_sum", "count", "correct", "kl_sum", "objective_sum"}.
 
     h [B, T, D] final hidden states, kernel [D, V] the unembedding, targets/weights [B, T].
     `base` = (h_base [B, T, D], kernel_base) adds KL(p || p_base) per supervised token.
@@ -35,48 +42,97 @@ def chunked_xent(h, kernel, targets, weights, *, chunk: int, dtype, base=None, k
     pad = n_chunks * chunk - n
     w = weights.reshape(n)
     order = jnp.argsort(w == 0, stable=True)  # supervised tokens first
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n, dtype=order.dtype))
 
     def prep(x):
-        x = jnp.take(x.reshape(n, *x.shape[2:]), order, axis=0)
+        x = permute_rows(x.reshape(n, *x.shape[2:]), order, inverse)
         x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
         return x.reshape(n_chunks, chunk, *x.shape[1:])
 
     xs = {"h": prep(h), "t": prep(targets), "w": prep(weights)}
     if base is not None:
         xs["hb"] = prep(base[0])
+    zero = jnp.zeros((), jnp.float32)
 
-    @jax.checkpoint
     def compute(xc):
-        logits = _logits(xc["h"], kernel, dtype)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        tgt = jnp.take_along_axis(logp, xc["t"][:, None], axis=-1)[:, 0]
-        wc = xc["w"]
-        out = {
-            "loss_sum": -(tgt * wc).sum(),
-            "correct": ((jnp.argmax(logits, -1) == xc["t"]) * wc).sum(),
-            "kl_sum": jnp.zeros((), jnp.float32),
-        }
-        if base is not None:
-            logp_b = jax.nn.log_softmax(_logits(xc["hb"], base[1], dtype), axis=-1)
-            kl = (jnp.exp(logp) * (logp - jax.lax.stop_gradient(logp_b))).sum(-1)
-            out["kl_sum"] = (kl * wc).sum()
-        return out
-
-    zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct", "kl_sum")}
+        if base is None:
+            loss, correct = xent_chunk(xc["h"], kernel, xc["t"], xc["w"], dtype)
+            return {"loss_sum": loss, "correct": correct, "kl_sum": zero}
+        return _xent_kl_chunk(xc, kernel, base[1], dtype)
 
     def body(acc, xc):
-        out = jax.lax.cond(xc["w"].sum() > 0, compute, lambda _: zeros, xc)
+        out = jax.lax.cond(xc["w"].sum() > 0, compute,
+                           lambda _: {"loss_sum": zero, "correct": zero, "kl_sum": zero}, xc)
         return jax.tree.map(jnp.add, acc, out), None
 
-    sums, _ = jax.lax.scan(body, zeros, xs)
+    sums, _ = jax.lax.scan(body, {"loss_sum": zero, "correct": zero, "kl_sum": zero}, xs)
     sums["count"] = w.sum()
-    if kl_beta:
-        sums["objective_sum"] = sums["loss_sum"] + kl_beta * sums["kl_sum"]
-    else:
-        sums["objective_sum"] = sums["loss_sum"]
+    sums["objective_sum"] = sums["loss_sum"] + kl_beta * sums["kl_sum"]
     return sums
 
 
-def _logits(h, kernel, dtype):
-    return jnp.einsum("cd,dv->cv", h.astype(dtype), kernel.astype(dtype),
-                      preferred_element_type=jnp.float32)
+@jax.custom_vjp
+def permute_rows(x, order, inverse):
+    """x[order]; the backward is the gather g[inverse] (not a scatter-add)."""
+    return jnp.take(x, order, axis=0)
+
+
+permute_rows.defvjp(
+    lambda x, order, inverse: (jnp.take(x, order, axis=0), (order, inverse)),
+    lambda res, g: (jnp.take(g, res[1], axis=0), _int_zeros(res[0]), _int_zeros(res[1])),
+)
+
+
+def _int_zeros(x):
+    return np.zeros(x.shape, dtype=jax.dtypes.float0)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def xent_chunk(h, kernel, targets, weights, dtype):
+    """(sum of weighted CE, weighted count of argmax hits) for h [c, D], kernel [D, V]."""
+    return _xent_forward(h, kernel, targets, weights, dtype)[0]
+
+
+def _xent_forward(h, kernel, targets, weights, dtype):
+    logits = ops.einsum("cd,dv->cv", h, kernel, dtype, jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    loss = ((lse - target_logit) * weights).sum()
+    correct = ((jnp.argmax(logits, -1) == targets) * weights).sum()
+    return (loss, correct), lse
+
+
+def _xent_fwd(h, kernel, targets, weights, dtype):
+    out, lse = _xent_forward(h, kernel, targets, weights, dtype)
+    return out, (h, kernel, targets, weights, lse)
+
+
+def _xent_bwd(dtype, res, g):
+    h, kernel, targets, weights, lse = res
+    logits = ops.einsum("cd,dv->cv", h, kernel, dtype, jnp.float32)
+    probs = jnp.exp(logits - lse[:, None])
+    onehot = jnp.arange(logits.shape[-1])[None, :] == targets[:, None]
+    dlogits = (jnp.where(onehot, probs - 1.0, probs) * (weights * g[0])[:, None]).astype(dtype)
+    h_c, k_c = h.astype(dtype), kernel.astype(dtype)
+    dh = jnp.einsum("cv,dv->cd", dlogits, k_c, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("cd,cv->dv", h_c, dlogits, preferred_element_type=jnp.float32)
+    return dh.astype(h.dtype), dk.astype(kernel.dtype), _int_zeros(targets), jnp.zeros_like(
+        weights)
+
+
+xent_chunk.defvjp(_xent_fwd, _xent_bwd)
+
+
+@partial(jax.checkpoint, static_argnums=(3,))
+def _xent_kl_chunk(xc, kernel, base_kernel, dtype):
+    """CE plus KL(p || p_base) for one chunk (autodiff; only used with train.kl_to_base)."""
+    logits = ops.einsum("cd,dv->cv", xc["h"], kernel, dtype, jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    tgt = jnp.take_along_axis(logp, xc["t"][:, None], axis=-1)[:, 0]
+    wc = xc["w"]
+    logp_b = jax.nn.log_softmax(ops.einsum("cd,dv->cv", xc["hb"], base_kernel, dtype,
+                                           jnp.float32), axis=-1)
+    kl = (jnp.exp(logp) * (logp - jax.lax.stop_gradient(logp_b))).sum(-1)
+    return {"loss_sum": -(tgt * wc).sum(),
+            "correct": ((jnp.argmax(logits, -1) == xc["t"]) * wc).sum(),
+            "kl_sum": (kl * wc).sum()}

@@ -57,6 +57,7 @@ def build_model_state(config, mesh=None, total_steps: int = 1) -> TrainSetup:
     model, model_cfg = load_hf(config.model.path, dtype=config.model.dtype,
                                param_dtype=config.model.param_dtype, mesh=mesh, lora=lora,
                                remat=config.model.remat, attention_impl=config.model.attention,
+                               unroll=config.model.unroll_layers,
                                seed=config.train.seed)
     trainable = LoRAParam if lora else nnx.Param
     graphdef, params, frozen = nnx.split(model, trainable, ...)
