@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """jaxsft on the TRL benchmark assets: prints BENCH_RESULT {json} like trl_baseline.py.
 
-    python tools/bench.py --assets ASSETS --config full_bf16_bfd [--repeats 1]
+    python tools/bench.py --assets ASSETS --config full_bf16_bfd [--config.KEY=VALUE ...]
 
 Configs: {full,lora}_{fp32,bf16}_{pad,bfd}. Throughput is measured over steps 3..12 (steps 1-2,
 compilation included, are excluded), from the per-step rows of metrics.jsonl:
@@ -34,8 +34,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--assets", required=True)
     ap.add_argument("--config", default="full_bf16_bfd")
-    ap.add_argument("--extra", nargs="*", default=[], help="more --config.KEY=VALUE overrides")
-    args = ap.parse_args()
+    args, extra = ap.parse_known_args()  # the rest: --config.KEY=VALUE overrides
     os.environ["JAXSFT_BENCH_ASSETS"] = os.path.abspath(args.assets)
     run_dir = os.path.join(ROOT, "bench_out", "runs", args.config)
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -43,7 +42,7 @@ def main():
     from jaxsft.train.loop import run
 
     config = config_lib.load(os.path.join(ROOT, "configs", "bench.py"),
-                             overrides(args.config, run_dir) + args.extra)
+                             overrides(args.config, run_dir) + extra)
     run(config)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(x) for x in f if x.strip()]
