@@ -184,5 +184,9 @@ def to_json(cfg) -> str:
 
 def from_json(path: str) -> ml_collections.ConfigDict:
     """The resolved config a run saved (run_dir/config.json)."""
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    try:
+        with open(path) as f:
+            return ml_collections.ConfigDict(json.load(f))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the run's config: {e}", where=path,
+                        hint="the run directory is damaged; use a new run_dir") from None

@@ -137,12 +137,10 @@ def build_report(args, tuned: dict, base: dict | None) -> dict:
             "score": g["score"],
             "by_metric": g["by_metric"],
         }
-        rows = [dict(r) for r in g["rows"]]
+        rows = _paired_rows(g, base and base["golden"], ("output", "pass"))
         if base:
             b = base["golden"]
             section.update(base_score=b["score"], base_by_metric=b["by_metric"])
-            for r, br in zip(rows, b["rows"], strict=True):
-                r["base_output"], r["base_pass"] = br["output"], br["pass"]
             section["fixed"] = sum(r["pass"] and not r["base_pass"] for r in rows)
             section["broken"] = sum(r["base_pass"] and not r["pass"] for r in rows)
         section["rows"] = rows
@@ -151,7 +149,6 @@ def build_report(args, tuned: dict, base: dict | None) -> dict:
         m = tuned["mc"]
         section = {k: m[k] for k in ("accuracy", "accuracy_mean", "n", "style", "subjects")}
         section["file"] = args.mc
-        rows = [dict(r) for r in m["rows"]]
         if base:
             b = base["mc"]
             section.update(
@@ -159,11 +156,18 @@ def build_report(args, tuned: dict, base: dict | None) -> dict:
                 base_accuracy_mean=b["accuracy_mean"],
                 base_subjects=b["subjects"],
             )
-            for r, br in zip(rows, b["rows"], strict=True):
-                r["base_pred"], r["base_correct"] = br["pred"], br["correct"]
-        section["rows"] = rows
+        section["rows"] = _paired_rows(m, base and base["mc"], ("pred", "correct"))
         report["mc"] = section
     return report
+
+
+def _paired_rows(tuned: dict, base: dict | None, keys: tuple[str, ...]) -> list[dict]:
+    """Copies of the tuned eval's rows, each with the base's value of every key as base_KEY."""
+    rows = [dict(r) for r in tuned["rows"]]
+    if base:
+        for r, br in zip(rows, base["rows"], strict=True):
+            r.update({f"base_{k}": br[k] for k in keys})
+    return rows
 
 
 def markdown(report: dict) -> str:
@@ -218,6 +222,10 @@ def main(argv=None) -> int:
     # Read and validate every input before loading a model: a bad row fails in a second.
     golden_rows = load_golden(args.golden, args.metric, args.max_rows) if args.golden else None
     mc_rows = load_mc(args.mc, args.max_rows) if args.mc else None
+    if args.out and os.path.isdir(args.out):
+        raise UserError(
+            "--out is a directory", where=args.out, hint="give a file, e.g. DIR/eval.json"
+        )
     kw = dict(
         max_new_tokens=args.max_new_tokens,
         mc_style=args.mc_style,
@@ -230,15 +238,25 @@ def main(argv=None) -> int:
     table = markdown(report)
     print(table)
     if args.out:
-        out_dir = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(out_dir, exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2, ensure_ascii=False)
-        md_path = os.path.splitext(args.out)[0] + ".md"
-        with open(md_path, "w") as f:
-            f.write(table)
+        md_path = write_report(args.out, report, table)
         print(f"report: {args.out}, {md_path}", file=sys.stderr)
     return 0
+
+
+def write_report(path: str, report: dict, table: str) -> str:
+    """Write the JSON report to path and the Markdown table next to it; return the .md path."""
+    md_path = os.path.splitext(path)[0] + ".md"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2, ensure_ascii=False)
+        with open(md_path, "w") as f:
+            f.write(table)
+    except OSError as e:
+        raise UserError(
+            f"cannot write the report: {e.strerror or e}", where=e.filename or path
+        ) from None
+    return md_path
 
 
 if __name__ == "__main__":

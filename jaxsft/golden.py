@@ -22,11 +22,11 @@ Rows that break these rules are a UserError naming file:line.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
 
+from jaxsft.data.readers import read_jsonl
 from jaxsft.errors import UserError
 
 METRICS = ("exact", "contains", "regex", "choice")
@@ -80,31 +80,13 @@ def load_golden(path: str | os.PathLike, metric: str = "exact", max_rows: int = 
     path = os.fspath(path)
     if metric not in METRICS:
         raise UserError(f"unknown metric {metric!r}", hint=f"one of {', '.join(METRICS)}")
-    rows = []
-    for line_no, raw in _lines(path):
-        where = f"{path}:{line_no}"
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise UserError(f"bad JSON: {e.msg} (column {e.colno})", where=where) from None
-        rows.append(_golden_row(obj, metric, where) | {"line": line_no})
-        if max_rows and len(rows) >= max_rows:
-            break
+    rows = [
+        _golden_row(obj, metric, f"{path}:{line}") | {"line": line}
+        for line, obj in read_jsonl(path, max_rows)
+    ]
     if not rows:
         raise UserError("the golden file has no rows", where=path)
     return rows
-
-
-def _lines(path: str):
-    if not os.path.isfile(path):
-        raise UserError("file not found", where=path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            for i, raw in enumerate(f, start=1):
-                if raw.strip():
-                    yield i, raw
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read the file: {e}", where=path) from None
 
 
 def _golden_row(obj, default_metric: str, where: str) -> dict:

@@ -22,13 +22,13 @@ default, so absolute numbers can differ slightly from published harness runs.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import string
 from collections.abc import Sequence
 
 import numpy as np
 
+from jaxsft.data.readers import read_jsonl
 from jaxsft.errors import UserError
 
 LETTERS = string.ascii_uppercase
@@ -40,19 +40,10 @@ DEFAULT_BATCH = 8
 def load_mc(path: str | os.PathLike, max_rows: int = 0) -> list[dict]:
     """Read and validate a multiple-choice JSONL file -> rows {question, choices, answer (int),
     subject, line}."""
-    from jaxsft.golden import _lines
-
     path = os.fspath(path)
-    rows = []
-    for line_no, raw in _lines(path):
-        where = f"{path}:{line_no}"
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise UserError(f"bad JSON: {e.msg} (column {e.colno})", where=where) from None
-        rows.append(_mc_row(obj, where) | {"line": line_no})
-        if max_rows and len(rows) >= max_rows:
-            break
+    rows = [
+        _mc_row(obj, f"{path}:{line}") | {"line": line} for line, obj in read_jsonl(path, max_rows)
+    ]
     if not rows:
         raise UserError("the multiple-choice file has no rows", where=path)
     return rows

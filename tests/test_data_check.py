@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from cli_utils import run_module
 from tokenizers_fixture import build_tokenizer, make_tokenizer, tokenizer_dir
 
 from jaxsft.data import pipeline
@@ -17,8 +15,6 @@ try:
     from jaxsft.configs.base import get_config
 except ImportError:
     from configs.base import get_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def chat(user: str, reply: str, system: str | None = None) -> dict:
@@ -74,14 +70,7 @@ def config_file(tmp_path, model_dir, train, eval_="", **data):
 
 
 def run_check(args):
-    return subprocess.run(
-        [sys.executable, "-m", "jaxsft.data", "check", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "JAXSFT_DEBUG": "0", "TOKENIZERS_PARALLELISM": "false"},
-    )
+    return run_module("jaxsft.data", "check", *args)
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +167,13 @@ def test_cli_malformed_file_exits_2_with_file_line_and_no_traceback(tmp_path_fac
     assert f"{bad}:2" in r.stderr and "malformed JSON" in r.stderr
     assert "Traceback" not in r.stderr + r.stdout
     assert not (tmp_path / "run" / "data_report.json").exists()
+
+
+def test_unwritable_run_dir_is_a_user_error(tmp_path):
+    from jaxsft.data import check
+
+    (tmp_path / "file").write_text("")
+    run_dir = str(tmp_path / "file" / "run")
+    with pytest.raises(UserError) as e:
+        check.write_report(run_dir, {})
+    assert e.value.where == run_dir and "cannot write the data report" in e.value.message

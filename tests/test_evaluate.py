@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from chat_checkpoint import build_chat_checkpoint
+from cli_utils import run_module
 
 import jaxsft
 from jaxsft.errors import UserError
@@ -109,7 +107,7 @@ def test_load_golden_defaults_and_shortcuts(tmp_path):
 @pytest.mark.parametrize(
     "bad, message",
     [
-        ('{"messages": [{"role": "user", "content": "x"}], "expected": ', "bad JSON"),
+        ('{"messages": [{"role": "user", "content": "x"}], "expected": ', "malformed JSON line"),
         ('{"messages": [{"role": "user", "content": "x"}]}', "missing field 'expected'"),
         ('{"prompt": "x", "expected": "y", "metric": "bleu"}', "unknown metric 'bleu'"),
         ('{"prompt": "x", "expected": "(", "metric": "regex"}', "bad regex"),
@@ -136,28 +134,30 @@ def test_load_golden_rejects_bad_rows_with_line(tmp_path, bad, message):
     assert message in e.value.message
 
 
+def test_load_golden_and_mc_name_a_non_utf8_line(tmp_path):
+    mc_row = json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0})
+    for good, load in ((GOOD, load_golden), (mc_row, load_mc)):
+        p = tmp_path / f"{load.__name__}.jsonl"
+        p.write_bytes(good.encode() + b"\n\n" + b'{"question": "caf\xe9"}\n')
+        with pytest.raises(UserError) as e:
+            load(p)
+        assert e.value.where == f"{p}:3" and "not UTF-8" in e.value.message
+
+
 def test_cli_malformed_golden_exits_2_without_traceback(tmp_path):
     p = write(tmp_path, "bad.jsonl", [GOOD, '{"prompt": "x"}'])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAXSFT_DEBUG": "0"}
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jaxsft.evaluate",
-            "--model",
-            str(tmp_path / "none"),
-            "--golden",
-            str(p),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=120,
-    )
+    r = run_module("jaxsft.evaluate", "--model", str(tmp_path / "none"), "--golden", str(p))
     assert r.returncode == 2, r.stderr
     assert f"{p}:2: missing field 'expected'" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_cli_out_directory_fails_before_loading_a_model(tmp_path, capsys):
+    p = write(tmp_path, "golden.jsonl", [GOOD])
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / "none"), "--golden", str(p), "--out", str(tmp_path)])
+    assert e.value.code == 2
+    assert f"{tmp_path}: --out is a directory" in capsys.readouterr().err
 
 
 def test_load_mc_validates(tmp_path):

@@ -31,6 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from cli_utils import run_module  # noqa: E402
 from flax import nnx  # noqa: E402
 from hf_fixtures import VOCAB  # noqa: E402
 from safetensors import safe_open  # noqa: E402
@@ -90,10 +91,17 @@ def perturb(model: nnx.Module, seed: int, lora: bool, steps: int = 3) -> None:
         "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1)),
     }
     tx = optax.adam(1e-2)
-    step = jax.jit(make_train_step(make_loss_fn(graphdef, chunk=16, lora=lora), tx,
-                                   lambda s: 1e-2, grad_accum=1))
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-             "rng": jnp.zeros((2,), jnp.uint32)}
+    step = jax.jit(
+        make_train_step(
+            make_loss_fn(graphdef, chunk=16, lora=lora), tx, lambda s: 1e-2, grad_accum=1
+        )
+    )
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "rng": jnp.zeros((2,), jnp.uint32),
+    }
     for _ in range(steps):
         state, _ = step(state, frozen, None, batch)
     nnx.update(model, state["params"])
@@ -374,15 +382,7 @@ def test_cli_incomplete_run_dir(tmp_path, capsys):
 
 def test_cli_module_entry_point(tmp_path):
     missing = tmp_path / "no_such_run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAXSFT_DEBUG": "0"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "jaxsft.export", "--run-dir", str(missing)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=120,
-    )
+    proc = run_module("jaxsft.export", "--run-dir", str(missing))
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and str(missing) in proc.stderr
     assert "Traceback" not in proc.stderr

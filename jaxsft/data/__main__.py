@@ -11,73 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxsft.config import load
 from jaxsft.errors import UserError, run_cli
 
 GREEN, RESET = "\033[1;32m", "\033[0m"
-
-
-def load_config(path: str, overrides: list[str]):
-    """jaxsft.config.load when available, else a minimal loader with the same contract."""
-    try:
-        from jaxsft.config import load
-    except ImportError:
-        return _fallback_load(path, overrides)
-    return load(path, overrides)
-
-
-def _fallback_load(path: str, overrides: list[str]):
-    import ast
-    import importlib.util
-    import os
-
-    if not os.path.isfile(path):
-        raise UserError("config file not found", where=path)
-    spec = importlib.util.spec_from_file_location("jaxsft_run_config", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.path[:0] = [os.getcwd(), os.path.dirname(os.path.abspath(path))]
-    try:
-        spec.loader.exec_module(module)
-        cfg = module.get_config()
-    except UserError:
-        raise
-    except Exception as e:
-        msg = f"cannot evaluate the config file: {type(e).__name__}: {e}"
-        raise UserError(msg, where=path) from None
-    finally:
-        del sys.path[:2]
-    for item in overrides:
-        if not item.startswith("--config.") or "=" not in item:
-            raise UserError(f"cannot parse argument {item!r}", hint="use --config.a.b=value")
-        key, raw = item[len("--config.") :].split("=", 1)
-        *groups, leaf = key.split(".")
-        node = cfg
-        for g in groups:
-            if g not in node:
-                raise UserError(f"unknown config key {key!r}", hint="see configs/base.py")
-            node = node[g]
-        if leaf not in node:
-            raise UserError(f"unknown config key {key!r}", hint="see configs/base.py")
-        old = node[leaf]
-        if isinstance(old, bool):
-            value = raw.lower() in ("1", "true", "yes")
-        elif isinstance(old, str) and not raw.startswith("["):
-            value = raw
-        else:
-            try:
-                value = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                raise UserError(f"bad value for {key}: {raw!r}") from None
-        with cfg.unlocked() if hasattr(cfg, "unlocked") else _null():
-            node[leaf] = value
-    return cfg
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def parse_args(argv: list[str]):
@@ -146,7 +83,7 @@ def summary(report: dict) -> str:
 @run_cli
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    config = load_config(args.config, overrides)
+    config = load(args.config, overrides)
     from jaxsft.data import check, pipeline
     from jaxsft.tokenizer import load_tokenizer
 

@@ -179,12 +179,17 @@ def refuse_to_train(report: dict) -> None:
 
 def write_report(run_dir: str, report: dict) -> str:
     """Write run_dir/data_report.json (atomically; creates run_dir) and return its path."""
-    os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "data_report.json")
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(
+            f"cannot write the data report: {e.strerror or e}", where=run_dir, hint="check run_dir"
+        ) from None
     return path
 
 
@@ -276,11 +281,6 @@ def duplicates(rows: list) -> tuple[dict, dict]:
     exact = defaultdict(list)
     for i, row in enumerate(rows):
         exact[_h(canonical(row.example))].append(i)
-    groups = [g for g in exact.values() if len(g) > 1]
-    exact_out = {
-        "count": sum(len(g) - 1 for g in groups),
-        "groups": [[rows[i].where for i in g[:5]] for g in groups[:MAX_LISTED]],
-    }
     reps = [g[0] for g in exact.values()]  # one per exact group
     parent = {i: i for i in reps}
 
@@ -314,12 +314,17 @@ def duplicates(rows: list) -> tuple[dict, dict]:
     clusters = defaultdict(list)
     for i in reps:
         clusters[find(i)].append(i)
-    near = [c for c in clusters.values() if len(c) > 1]
-    near_out = {
-        "count": sum(len(c) - 1 for c in near),
-        "groups": [[rows[i].where for i in c[:5]] for c in near[:MAX_LISTED]],
+    return _groups(rows, exact.values()), _groups(rows, clusters.values())
+
+
+def _groups(rows: list, groups) -> dict:
+    """{"count": examples that repeat an earlier one, "groups": [[where, ...], ...]} of the
+    groups (lists of row indices) with more than one member."""
+    groups = [g for g in groups if len(g) > 1]
+    return {
+        "count": sum(len(g) - 1 for g in groups),
+        "groups": [[rows[i].where for i in g[:5]] for g in groups[:MAX_LISTED]],
     }
-    return exact_out, near_out
 
 
 _RNG = np.random.default_rng(0x4D48)

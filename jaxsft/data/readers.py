@@ -10,9 +10,10 @@ Weighted mixing (`data.train` as a list of {"path", "weight"}): see `mixture_epo
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -187,21 +188,51 @@ def _jsonl_rows(path, on_invalid, skipped, lines=None) -> Iterator[tuple[Any, st
 
 
 def _jsonl_lines(path, lines, on_invalid, skipped) -> Iterator[tuple[Any, str]]:
-    for lineno, line in enumerate(lines, start=1):
+    for lineno, row, error in parse_jsonl(lines):
         where = f"{path}:{lineno}"
+        if error is None:
+            yield row, where
+        else:
+            _invalid(on_invalid, skipped, where, error)
+
+
+def parse_jsonl(lines: Iterable[bytes | str]) -> Iterator[tuple[int, Any, str | None]]:
+    """(line number from 1, row, None) for every non-blank line of a JSONL stream, or (line
+    number, None, reason) for a line that is not UTF-8 or not JSON: the caller raises or skips."""
+    for lineno, line in enumerate(lines, start=1):
         try:
             line = line.decode("utf-8") if isinstance(line, bytes) else line
         except UnicodeDecodeError as e:
-            _invalid(on_invalid, skipped, where, f"line is not UTF-8 text ({e.reason})")
+            yield lineno, None, f"line is not UTF-8 text ({e.reason})"
             continue
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            _invalid(on_invalid, skipped, where, f"malformed JSON line: {e.msg} (column {e.colno})")
+            yield lineno, None, f"malformed JSON line: {e.msg} (column {e.colno})"
             continue
-        yield row, where
+        yield lineno, row, None
+
+
+def read_jsonl(path: str | os.PathLike, max_rows: int = 0) -> Iterator[tuple[int, Any]]:
+    """(line number, row) of every non-blank line of one JSONL file (the first max_rows when
+    > 0), strictly: a missing file or a bad line is a UserError naming the file (and line).
+
+    Used for the golden and multiple-choice eval files; training data goes through `read_rows`
+    (directories, other formats, data.on_invalid).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError("file not found", where=path)
+    try:
+        with open(path, "rb") as f:
+            for lineno, row, error in itertools.islice(parse_jsonl(f), max_rows or None):
+                if error is not None:
+                    raise UserError(error, where=f"{path}:{lineno}")
+                yield lineno, row
+    except OSError as e:
+        raise UserError(f"cannot read the file: {e}", where=path) from None
 
 
 def _json_rows(path, on_invalid, skipped) -> Iterator[tuple[Any, str]]:

@@ -200,7 +200,10 @@ def check_run_dir(config):
 
 
 def write_run_files(config, report: dict):
-    os.makedirs(config.run_dir, exist_ok=True)
+    try:
+        os.makedirs(config.run_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create run_dir: {e.strerror}", where=config.run_dir) from None
     with open(os.path.join(config.run_dir, "config.json"), "w") as f:
         f.write(config_lib.to_json(config))
     check.write_report(config.run_dir, report)
