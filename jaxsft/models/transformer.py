@@ -36,19 +36,25 @@ class Attention(nnx.Module):
         def lora_for(name):
             return lora if lora and lora.applies_to(name) else None
 
-        self.q_proj = Linear(D, N * H, ("embed", "q_heads"), bias=cfg.qkv_bias,
-                             lora=lora_for("q_proj"), **kw)
-        self.k_proj = Linear(D, K * H, ("embed", "kv_heads"), bias=cfg.qkv_bias,
-                             lora=lora_for("k_proj"), **kw)
-        self.v_proj = Linear(D, K * H, ("embed", "kv_heads"), bias=cfg.qkv_bias,
-                             lora=lora_for("v_proj"), **kw)
-        self.o_proj = Linear(N * H, D, ("q_heads", "embed"), bias=cfg.o_bias,
-                             lora=lora_for("o_proj"), **kw)
+        self.q_proj = Linear(
+            D, N * H, ("embed", "q_heads"), bias=cfg.qkv_bias, lora=lora_for("q_proj"), **kw
+        )
+        self.k_proj = Linear(
+            D, K * H, ("embed", "kv_heads"), bias=cfg.qkv_bias, lora=lora_for("k_proj"), **kw
+        )
+        self.v_proj = Linear(
+            D, K * H, ("embed", "kv_heads"), bias=cfg.qkv_bias, lora=lora_for("v_proj"), **kw
+        )
+        self.o_proj = Linear(
+            N * H, D, ("q_heads", "embed"), bias=cfg.o_bias, lora=lora_for("o_proj"), **kw
+        )
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(H, cfg.rms_norm_eps, ("head_dim",), param_dtype=param_dtype,
-                                  rngs=rngs)
-            self.k_norm = RMSNorm(H, cfg.rms_norm_eps, ("head_dim",), param_dtype=param_dtype,
-                                  rngs=rngs)
+            self.q_norm = RMSNorm(
+                H, cfg.rms_norm_eps, ("head_dim",), param_dtype=param_dtype, rngs=rngs
+            )
+            self.k_norm = RMSNorm(
+                H, cfg.rms_norm_eps, ("head_dim",), param_dtype=param_dtype, rngs=rngs
+            )
         else:
             self.q_norm = self.k_norm = None
         self.shape = (N, K, H)
@@ -86,24 +92,33 @@ class Block(nnx.Module):
     """One pre-norm decoder layer."""
 
     def __init__(self, cfg: ModelConfig, lora, dtype, param_dtype, rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
-                                       param_dtype=param_dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(
+            cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs
+        )
         self.self_attn = Attention(cfg, lora, dtype, param_dtype, rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
-                                                param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(
+            cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs
+        )
         self.mlp = MLP(cfg, lora, dtype, param_dtype, rngs)
 
-    def __call__(self, x, cos, sin, mask, impl, kv_cache=None, index=None):
-        """x [B, T, D] -> [B, T, D]; with kv_cache (k, v [B, S, K, H]) also the updated cache."""
+    def __call__(self, x, cos, sin, mask, impl, kv_cache=None, layer=None, index=None):
+        """x [B, T, D] -> ([B, T, D], kv_cache).
+
+        kv_cache: None, or the stacked (k, v) [L, B, S, K, H] of every layer; this layer
+        (number `layer`) writes its T new tokens at slot `index`, in place, and attends to its
+        slice of the result.
+        """
         attn = self.self_attn
         q, k, v = attn.qkv(self.input_layernorm(x), cos, sin)
         if kv_cache is not None:
-            k_all = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k.astype(kv_cache[0].dtype),
-                                                        index, axis=1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype),
-                                                        index, axis=1)
-            kv_cache = (k_all, v_all)
-            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+            kv_cache = tuple(
+                jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, index, 0, 0))
+                for c, new in zip(kv_cache, (k, v), strict=True)
+            )
+            k, v = (
+                jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False).astype(q.dtype)
+                for c in kv_cache
+            )
         o = attention.attend(q, k, v, mask, impl)
         B, T = x.shape[:2]
         x = x + attn.o_proj(o.reshape(B, T, -1))
@@ -114,17 +129,28 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
     """Decoder-only LM. Call: logits [B, T, V] float32 from input_ids [B, T]."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, param_dtype=jnp.float32,
-                 lora: LoraConfig | None = None, remat: str = "none", attention_impl="auto",
-                 unroll: int = 1, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.float32,
+        lora: LoraConfig | None = None,
+        remat: str = "none",
+        attention_impl="auto",
+        unroll: int = 1,
+        rngs: nnx.Rngs,
+    ):
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
         self.unroll = max(1, min(int(unroll), cfg.num_layers))  # layers per scan iteration
-        self.attention_impl = attention.default_impl() if attention_impl == "auto" else (
-            attention_impl)
-        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
-                                  param_dtype=param_dtype, rngs=rngs)
+        self.attention_impl = (
+            attention.default_impl() if attention_impl == "auto" else (attention_impl)
+        )
+        self.embed_tokens = Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -136,10 +162,17 @@ class Transformer(nnx.Module):
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"),
-                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.lm_head = Linear(
+                cfg.hidden_size,
+                cfg.vocab_size,
+                ("embed", "vocab"),
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
         inv_freq, factor = inv_frequencies(
-            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
+        )
         self.rope = (tuple(inv_freq.tolist()), factor)  # static: plain floats
 
     def __call__(self, input_ids, positions=None, segment_ids=None):
@@ -172,8 +205,12 @@ class Transformer(nnx.Module):
         c = self.cfg
         shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
         dtype = dtype or self.dtype
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-                "seg": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+        return {
+            "k": jnp.zeros(shape, dtype),
+            "v": jnp.zeros(shape, dtype),
+            "seg": jnp.zeros((batch, max_len), jnp.int32),
+            "index": jnp.zeros((), jnp.int32),
+        }
 
     def decode(self, input_ids, positions, segment_ids, cache):
         """Run T new tokens against the cache; returns (logits [B, T, V], updated cache).
@@ -195,27 +232,35 @@ class Transformer(nnx.Module):
     def _masks(self, q_seg, k_seg, q_idx, k_idx):
         """(full mask, windowed mask): the second is None without per-layer windows."""
         c = self.cfg
-        full = attention.attention_mask(q_seg, k_seg, q_idx, k_idx,
-                                        None if c.sliding_layers else c.sliding_window)
+        full = attention.attention_mask(
+            q_seg, k_seg, q_idx, k_idx, None if c.sliding_layers else c.sliding_window
+        )
         if not c.sliding_layers:
             return (full,)
         return full, attention.attention_mask(q_seg, k_seg, q_idx, k_idx, c.sliding_window)
 
     def _run_layers(self, input_ids, positions, masks, kv=None, index=None):
-        """masks: (mask,) for every layer, or (full, windowed) chosen per layer."""
+        """-> (x [B, T, D], kv). masks: (mask,) for every layer, or (full, windowed) per layer.
+
+        kv (decode only): the stacked cache (k, v) [L, B, S, K, H]. It rides whole in the scan
+        carry, so each layer updates its slice in place; passed through xs/ys instead, XLA
+        copies the whole cache several times per step.
+        """
         x = constrain(self.embed_tokens(input_ids), "batch", None, None)
         cos, sin = rope_tables(positions, np.asarray(self.rope[0]), self.rope[1])
         graphdef, state = nnx.split(self.layers)
         impl = self.attention_impl
         windowed = jnp.asarray(self.cfg.sliding_layers or (False,) * self.cfg.num_layers)
+        layer_ids = None if kv is None else jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
 
-        def body(x, xs):
-            layer_state, layer_kv, use_window = xs
+        def body(carry, xs):
+            x, kv = carry
+            layer_state, use_window, layer = xs
             mask = masks[0] if len(masks) == 1 else jnp.where(use_window, masks[1], masks[0])
             block = nnx.merge(graphdef, layer_state)
-            return block(x, cos, sin, mask, impl, layer_kv, index)
+            return block(x, cos, sin, mask, impl, kv, layer, index), None
 
-        if self.remat != "none":
+        if self.remat != "none" and kv is None:  # remat only matters for gradients
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        return jax.lax.scan(body, x, (state, kv, windowed), unroll=self.unroll)
-
+        xs = (state, windowed, layer_ids)
+        return jax.lax.scan(body, (x, kv), xs, unroll=self.unroll)[0]
