@@ -1,6 +1,6 @@
 """Every jaxsft knob, documented once. Run configs import this and override what they need.
 
-    python -m jaxsft.main --config configs/RUN.py --config.train.learning_rate=1e-4
+python -m jaxsft.main --config configs/RUN.py --config.train.learning_rate=1e-4
 """
 
 import ml_collections

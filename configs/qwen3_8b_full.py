@@ -1,6 +1,6 @@
 """Full SFT of Qwen3-8B (FSDP over all devices, e.g. 8 x 80 GB GPUs or a TPU v5p-16).
 
-    python -m jaxsft.main --config configs/qwen3_8b_full.py --config.model.path=/models/Qwen3-8B
+python -m jaxsft.main --config configs/qwen3_8b_full.py --config.model.path=/models/Qwen3-8B
 """
 
 from jaxsft.configs import base

@@ -1,9 +1,9 @@
 """jaxsft: supervised fine-tuning of Llama/Qwen/Mistral models in JAX/Flax.
 
-    model, cfg = jaxsft.load_hf(path, dtype="float32")
-    logits = model(input_ids)                    # [B, T, V]
-    rendered = jaxsft.data.render(tokenizer, example)
-    texts = jaxsft.generate(model, tokenizer, conversations, max_new_tokens=64)
+model, cfg = jaxsft.load_hf(path, dtype="float32")
+logits = model(input_ids)                    # [B, T, V]
+rendered = jaxsft.data.render(tokenizer, example)
+texts = jaxsft.generate(model, tokenizer, conversations, max_new_tokens=64)
 """
 
 from importlib import import_module

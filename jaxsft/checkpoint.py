@@ -21,8 +21,9 @@ def checkpoint_dir(run_dir: str) -> str:
 
 class Checkpointer:
     def __init__(self, run_dir: str, keep: int = 2, use_async: bool = True):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=use_async)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=use_async
+        )
         self.manager = ocp.CheckpointManager(checkpoint_dir(run_dir), options=options)
 
     def latest_step(self) -> int | None:
@@ -78,13 +79,17 @@ def restore_model(run_dir: str, step: int | None = None):
         raise UserError("not a jaxsft run directory (no config.json)", where=run_dir)
     steps = existing_steps(run_dir)
     if not steps:
-        raise UserError("the run has no complete checkpoint", where=checkpoint_dir(run_dir),
-                        hint="train first, or pass the run_dir of a run that saved one")
+        raise UserError(
+            "the run has no complete checkpoint",
+            where=checkpoint_dir(run_dir),
+            hint="train first, or pass the run_dir of a run that saved one",
+        )
     if step is None:
         step = steps[-1]
     if step not in steps:
-        raise UserError(f"no checkpoint for step {step} (have {steps})",
-                        where=checkpoint_dir(run_dir))
+        raise UserError(
+            f"no checkpoint for step {step} (have {steps})", where=checkpoint_dir(run_dir)
+        )
     config = config_lib.from_json(cfg_path)
     # Restore onto whatever devices this process has (the run may have used another mesh).
     trainer = setup.build_model_state(config, mesh=make_mesh(1, -1, 1), total_steps=1)

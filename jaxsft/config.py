@@ -29,13 +29,30 @@ CHOICES = {
     "export.dtype": ("source", "bfloat16", "float32", "float16"),
 }
 MIXABLE = ("data.train", "data.eval")
-POSITIVE = ("model.unroll_layers", "data.max_length", "train.batch_size", "train.grad_accum",
-            "train.learning_rate",
-            "train.loss_chunk")
-NON_NEGATIVE = ("train.max_steps", "train.num_epochs", "train.warmup_ratio", "train.end_lr_ratio",
-                "train.weight_decay", "train.max_grad_norm", "train.log_every", "train.eval_every",
-                "train.save_every", "train.kl_to_base", "train.stop_after", "train.peak_tflops",
-                "lora.rank", "eval.max_rows")
+POSITIVE = (
+    "model.unroll_layers",
+    "data.max_length",
+    "train.batch_size",
+    "train.grad_accum",
+    "train.learning_rate",
+    "train.loss_chunk",
+)
+NON_NEGATIVE = (
+    "train.max_steps",
+    "train.num_epochs",
+    "train.warmup_ratio",
+    "train.end_lr_ratio",
+    "train.weight_decay",
+    "train.max_grad_norm",
+    "train.log_every",
+    "train.eval_every",
+    "train.save_every",
+    "train.kl_to_base",
+    "train.stop_after",
+    "train.peak_tflops",
+    "lora.rank",
+    "eval.max_rows",
+)
 
 
 def load(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
@@ -52,8 +69,11 @@ def load(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collectio
 
 def _read_file(path: str) -> ml_collections.ConfigDict:
     if not os.path.isfile(path):
-        raise UserError("config file not found", where=path,
-                        hint="pass --config configs/RUN.py (see configs/base.py for the keys)")
+        raise UserError(
+            "config file not found",
+            where=path,
+            hint="pass --config configs/RUN.py (see configs/base.py for the keys)",
+        )
     name = "jaxsft_run_config_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -64,8 +84,9 @@ def _read_file(path: str) -> ml_collections.ConfigDict:
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - a broken config file is user input
-        raise UserError(f"cannot evaluate the config file: {type(e).__name__}: {e}",
-                        where=path) from None
+        raise UserError(
+            f"cannot evaluate the config file: {type(e).__name__}: {e}", where=path
+        ) from None
     finally:
         sys.path.pop(0)
     if not isinstance(cfg, ml_collections.ConfigDict):
@@ -77,8 +98,11 @@ def _check_keys(cfg, base, where, prefix=""):
     for key in cfg.keys():
         full = prefix + key
         if key not in base:
-            raise UserError(f"unknown config key {full!r}", where=where,
-                            hint="see configs/base.py for every key")
+            raise UserError(
+                f"unknown config key {full!r}",
+                where=where,
+                hint="see configs/base.py for every key",
+            )
         if isinstance(base[key], ml_collections.ConfigDict):
             if not isinstance(cfg[key], ml_collections.ConfigDict):
                 raise UserError(f"config key {full!r} must be a group of keys", where=where)
@@ -101,14 +125,18 @@ def _check_type(key, value, default, where=None):
     else:
         ok = isinstance(value, str) or (key in MIXABLE and isinstance(value, (list, tuple)))
     if not ok:
-        raise UserError(f"config key {key!r} takes a {type(default).__name__}, "
-                        f"got {value!r}", where=where)
+        raise UserError(
+            f"config key {key!r} takes a {type(default).__name__}, got {value!r}", where=where
+        )
+
 
 def _apply_override(cfg, base, item: str):
     if not item.startswith("--config.") or "=" not in item:
-        raise UserError(f"cannot parse argument {item!r}",
-                        hint="overrides look like --config.train.learning_rate=1e-4")
-    key, raw = item[len("--config."):].split("=", 1)
+        raise UserError(
+            f"cannot parse argument {item!r}",
+            hint="overrides look like --config.train.learning_rate=1e-4",
+        )
+    key, raw = item[len("--config.") :].split("=", 1)
     *groups, leaf = key.split(".")
     node, ref = cfg, base
     for g in groups:
@@ -163,19 +191,26 @@ def validate(cfg, where=None):
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise UserError("train.batch_size must be a multiple of train.grad_accum", where=where)
     if not cfg.model.path:
-        raise UserError("model.path is not set", where=where,
-                        hint="point it at a local HF checkpoint directory")
+        raise UserError(
+            "model.path is not set", where=where, hint="point it at a local HF checkpoint directory"
+        )
     if not cfg.data.train:
         raise UserError("data.train is not set", where=where)
     from jaxsft.models.lora import ALL_TARGETS
 
     bad = [t for t in cfg.lora.targets if t not in ALL_TARGETS]
     if bad:
-        raise UserError(f"lora.targets: unknown module {bad[0]!r}", where=where,
-                        hint=f"choose among {', '.join(ALL_TARGETS)}")
+        raise UserError(
+            f"lora.targets: unknown module {bad[0]!r}",
+            where=where,
+            hint=f"choose among {', '.join(ALL_TARGETS)}",
+        )
     if cfg.export.format in ("peft", "both") and cfg.lora.rank == 0:
-        raise UserError(f"export.format={cfg.export.format} needs a LoRA run (lora.rank > 0)",
-                        where=where, hint="use export.format=merged for full fine-tuning")
+        raise UserError(
+            f"export.format={cfg.export.format} needs a LoRA run (lora.rank > 0)",
+            where=where,
+            hint="use export.format=merged for full fine-tuning",
+        )
 
 
 def to_json(cfg) -> str:
@@ -188,5 +223,8 @@ def from_json(path: str) -> ml_collections.ConfigDict:
         with open(path) as f:
             return ml_collections.ConfigDict(json.load(f))
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read the run's config: {e}", where=path,
-                        hint="the run directory is damaged; use a new run_dir") from None
+        raise UserError(
+            f"cannot read the run's config: {e}",
+            where=path,
+            hint="the run directory is damaged; use a new run_dir",
+        ) from None

@@ -19,24 +19,35 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-MODEL = dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-             rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+MODEL = dict(
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
 
 
 def example(rng: random.Random) -> dict:
     n = rng.randint(0, 10 ** rng.randint(1, 6))
     if rng.random() < 0.5:
-        q, a = rng.choice(["Is {} even or odd?", "Tell me if {} is odd or even."]), (
-            "even" if n % 2 == 0 else "odd")
+        q, a = (
+            rng.choice(["Is {} even or odd?", "Tell me if {} is odd or even."]),
+            ("even" if n % 2 == 0 else "odd"),
+        )
     else:
         q, a = rng.choice(["What is the last digit of {}?", "Last digit of {}?"]), str(n % 10)
-    return {"messages": [{"role": "user", "content": q.format(n)},
-                         {"role": "assistant", "content": a}]}
+    return {
+        "messages": [{"role": "user", "content": q.format(n)}, {"role": "assistant", "content": a}]
+    }
 
 
-def make_data(out: str, seed: int = 0, n_train: int = 3000, n_eval: int = 200,
-              n_golden: int = 100):
+def make_data(out: str, seed: int = 0, n_train: int = 3000, n_eval: int = 200, n_golden: int = 100):
     rng = random.Random(seed)
     rows, seen = [], set()
     while len(rows) < n_train + n_eval + n_golden:
@@ -45,9 +56,11 @@ def make_data(out: str, seed: int = 0, n_train: int = 3000, n_eval: int = 200,
         if key not in seen:
             seen.add(key)
             rows.append(ex)
-    splits = {"train.jsonl": rows[:n_train], "eval.jsonl": rows[n_train:n_train + n_eval]}
-    golden = [{"messages": r["messages"][:1], "expected": r["messages"][1]["content"],
-               "metric": "exact"} for r in rows[n_train + n_eval:]]
+    splits = {"train.jsonl": rows[:n_train], "eval.jsonl": rows[n_train : n_train + n_eval]}
+    golden = [
+        {"messages": r["messages"][:1], "expected": r["messages"][1]["content"], "metric": "exact"}
+        for r in rows[n_train + n_eval :]
+    ]
     splits["golden.jsonl"] = golden
     for name, items in splits.items():
         with open(os.path.join(out, name), "w") as f:
@@ -59,16 +72,25 @@ def make_tokenizer(out_dir: str, corpus: list[str]):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=MODEL["vocab_size"], special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=MODEL["vocab_size"],
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", chat_template=CHATML)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHATML,
+    )
     fast.save_pretrained(out_dir)
     return fast
 
@@ -82,9 +104,15 @@ def make_model(out_dir: str, tokenizer, seed: int = 0):
     from jaxsft.models.config import ModelConfig
     from jaxsft.models.transformer import Transformer
 
-    hf = dict(MODEL, model_type="llama", architectures=["LlamaForCausalLM"],
-              vocab_size=len(tokenizer), eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-              pad_token_id=tokenizer.pad_token_id, torch_dtype="float32")
+    hf = dict(
+        MODEL,
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
     cfg = ModelConfig.from_hf(hf)
     model = Transformer(cfg, dtype=jnp.float32, rngs=nnx.Rngs(seed))
     tensors = {k: a for k, a, _ in hf_tensors(nnx.state(model), cfg)}

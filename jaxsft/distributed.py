@@ -17,8 +17,10 @@ def maybe_initialize():
     if coordinator:
         if os.environ.get("JAX_PLATFORMS", "") == "cpu" or jax.default_backend() == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=coordinator,
-                                   num_processes=int(os.environ["JAXSFT_NUM_PROCESSES"]),
-                                   process_id=int(os.environ["JAXSFT_PROCESS_ID"]))
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=int(os.environ["JAXSFT_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAXSFT_PROCESS_ID"]),
+        )
     elif os.environ.get("JAXSFT_DISTRIBUTED") == "1":
         jax.distributed.initialize()

@@ -51,8 +51,12 @@ def weight_table(cfg: ModelConfig) -> list[Entry]:
 
     for name, _norm in (("input_layernorm", True), ("post_attention_layernorm", True)):
         add(f"{name}.weight", (name, "scale"))
-    for proj, bias in (("q_proj", cfg.qkv_bias), ("k_proj", cfg.qkv_bias),
-                       ("v_proj", cfg.qkv_bias), ("o_proj", cfg.o_bias)):
+    for proj, bias in (
+        ("q_proj", cfg.qkv_bias),
+        ("k_proj", cfg.qkv_bias),
+        ("v_proj", cfg.qkv_bias),
+        ("o_proj", cfg.o_bias),
+    ):
         add(f"self_attn.{proj}.weight", ("self_attn", proj, "kernel"), True)
         if bias:
             add(f"self_attn.{proj}.bias", ("self_attn", proj, "bias"))
@@ -70,21 +74,43 @@ def weight_table(cfg: ModelConfig) -> list[Entry]:
 
 
 def hf_keys(entry: Entry, num_layers: int) -> list[str]:
-    return [entry.hf_key.format(i=i) for i in range(num_layers)] if entry.stacked else [
-        entry.hf_key]
+    return (
+        [entry.hf_key.format(i=i) for i in range(num_layers)] if entry.stacked else [entry.hf_key]
+    )
 
 
-def abstract_model(cfg: ModelConfig, *, dtype="bfloat16", param_dtype="float32",
-                   lora: LoraConfig | None = None, **options):
+def abstract_model(
+    cfg: ModelConfig,
+    *,
+    dtype="bfloat16",
+    param_dtype="float32",
+    lora: LoraConfig | None = None,
+    **options,
+):
     """The model with ShapeDtypeStruct leaves (no memory). `options`: Transformer's runtime
     options (remat, attention_impl, unroll)."""
-    return nnx.eval_shape(lambda: Transformer(
-        cfg, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype), lora=lora,
-        rngs=nnx.Rngs(0), **options))
+    return nnx.eval_shape(
+        lambda: Transformer(
+            cfg,
+            dtype=jnp.dtype(dtype),
+            param_dtype=jnp.dtype(param_dtype),
+            lora=lora,
+            rngs=nnx.Rngs(0),
+            **options,
+        )
+    )
 
 
-def load_hf(path, dtype="float32", param_dtype="float32", *, mesh=None,
-            lora: LoraConfig | None = None, seed=0, **options):
+def load_hf(
+    path,
+    dtype="float32",
+    param_dtype="float32",
+    *,
+    mesh=None,
+    lora: LoraConfig | None = None,
+    seed=0,
+    **options,
+):
     """Load a local HF checkpoint directory -> (Transformer, ModelConfig).
 
     `dtype` is the compute dtype, `param_dtype` the dtype weights are held in. With a mesh,
@@ -136,7 +162,8 @@ def _load_entry(reader, entry: Entry, var, cfg: ModelConfig, mesh):
         if tuple(got) != tuple(want_hf):
             raise UserError(
                 f"tensor {k!r} has shape {list(got)}, the config implies {list(want_hf)}",
-                where=reader.file_of(k), hint="config.json and the weights do not match",
+                where=reader.file_of(k),
+                hint="config.json and the weights do not match",
             )
 
     def read(k, index):  # index: tuple of slices over the jaxsft (un-stacked) shape
@@ -205,15 +232,20 @@ class SafetensorsReader(contextlib.AbstractContextManager):
             files = [os.path.join(path, n) for n in names]
             missing = [f for f in files if not os.path.isfile(f)]
             if missing:
-                raise UserError(f"weight file {missing[0]!r} listed in the index is missing",
-                                where=index)
+                raise UserError(
+                    f"weight file {missing[0]!r} listed in the index is missing", where=index
+                )
             return files
-        files = sorted(os.path.join(path, n) for n in os.listdir(path)
-                       if n.endswith(".safetensors"))
+        files = sorted(
+            os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors")
+        )
         if not files:
             bins = [n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth"))]
-            hint = ("convert the pickle weights to safetensors first; jaxsft never loads pickle"
-                    if bins else "model.path must hold *.safetensors weights")
+            hint = (
+                "convert the pickle weights to safetensors first; jaxsft never loads pickle"
+                if bins
+                else "model.path must hold *.safetensors weights"
+            )
             raise UserError("no *.safetensors weights", where=path, hint=hint)
         return files
 
@@ -226,8 +258,11 @@ class SafetensorsReader(contextlib.AbstractContextManager):
 
     def _get(self, key: str):
         if key not in self._handles:
-            raise UserError(f"missing tensor {key!r}", where=self.source,
-                            hint="the checkpoint does not match its config.json")
+            raise UserError(
+                f"missing tensor {key!r}",
+                where=self.source,
+                hint="the checkpoint does not match its config.json",
+            )
         self._used.add(key)
         return self._handles[key]
 
@@ -240,9 +275,11 @@ class SafetensorsReader(contextlib.AbstractContextManager):
     def check_all_used(self, optional=("lm_head.weight",)):
         extra = sorted(set(self._where) - self._used - set(optional))
         if extra:
-            raise UserError(f"unexpected tensor {extra[0]!r} ({len(extra)} unused in all)",
-                            where=self.file_of(extra[0]),
-                            hint="the checkpoint has weights this architecture does not use")
+            raise UserError(
+                f"unexpected tensor {extra[0]!r} ({len(extra)} unused in all)",
+                where=self.file_of(extra[0]),
+                hint="the checkpoint has weights this architecture does not use",
+            )
 
 
 def hf_tensors(state, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray, Entry]]:

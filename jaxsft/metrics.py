@@ -90,8 +90,12 @@ class MetricsLogger:
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
         if "loss" in row:
-            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2e}",
-                                 tok_s=f"{row.get('tokens_per_sec', 0):.0f}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{row['loss']:.4f}",
+                lr=f"{row['learning_rate']:.2e}",
+                tok_s=f"{row.get('tokens_per_sec', 0):.0f}",
+                refresh=False,
+            )
 
     def advance(self, step: int):
         if self.bar is not None:

@@ -47,7 +47,8 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     if math.prod(shape) != len(devices):
         raise UserError(
             f"mesh data x fsdp x tensor = {shape} needs {math.prod(shape)} devices, "
-            f"found {len(devices)}", hint="set one of mesh.* to -1",
+            f"found {len(devices)}",
+            hint="set one of mesh.* to -1",
         )
     try:  # topology-aware device order on TPU/GPU pods
         mesh_devices = mesh_utils.create_device_mesh(shape, devices)

@@ -11,8 +11,11 @@ from jaxsft import config as config_lib
 from jaxsft.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN_CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-                     if os.path.basename(p) not in ("base.py", "__init__.py"))
+RUN_CONFIGS = sorted(
+    p
+    for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+    if os.path.basename(p) not in ("base.py", "__init__.py")
+)
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=os.path.basename)
@@ -27,26 +30,35 @@ def test_shipped_config_loads(path, tmp_path, monkeypatch):
 
 def test_overrides_types(tmp_path):
     path = os.path.join(ROOT, "configs", "llama32_1b_full.py")
-    cfg = config_lib.load(path, [
-        "--config.train.learning_rate=1e-4", "--config.train.max_steps=7",
-        "--config.data.packing=false", "--config.lora.targets=q_proj,v_proj",
-        "--config.lora.rank=8",
-        '--config.data.train=[{"path": "a.jsonl", "weight": 3}, {"path": "b.jsonl", "weight": 1}]',
-    ])
+    cfg = config_lib.load(
+        path,
+        [
+            "--config.train.learning_rate=1e-4",
+            "--config.train.max_steps=7",
+            "--config.data.packing=false",
+            "--config.lora.targets=q_proj,v_proj",
+            "--config.lora.rank=8",
+            '--config.data.train=[{"path": "a.jsonl", "weight": 3}, '
+            '{"path": "b.jsonl", "weight": 1}]',
+        ],
+    )
     assert cfg.train.learning_rate == 1e-4 and cfg.train.max_steps == 7
     assert cfg.data.packing is False
     assert tuple(cfg.lora.targets) == ("q_proj", "v_proj")
     assert cfg.data.train[0]["weight"] == 3
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("--config.nope=1", "unknown config key 'nope'"),
-    ("--config.train.warmup_ratio=-1", "train.warmup_ratio"),
-    ("--config.lora.targets=q_proj,wq", "lora.targets"),
-    ("--config.train.grad_accum=3", "multiple of train.grad_accum"),
-    ("--config.export.format=peft", "needs a LoRA run"),
-    ("--config.data.packing=maybe", "true or false"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("--config.nope=1", "unknown config key 'nope'"),
+        ("--config.train.warmup_ratio=-1", "train.warmup_ratio"),
+        ("--config.lora.targets=q_proj,wq", "lora.targets"),
+        ("--config.train.grad_accum=3", "multiple of train.grad_accum"),
+        ("--config.export.format=peft", "needs a LoRA run"),
+        ("--config.data.packing=maybe", "true or false"),
+    ],
+)
 def test_bad_overrides(override, needle):
     path = os.path.join(ROOT, "configs", "llama32_1b_full.py")
     with pytest.raises(UserError, match=None) as e:

@@ -39,8 +39,9 @@ def test_packed_loss_equals_unpacked(assets):
     assert len(packed_rows) < len(rows)  # several examples share a row
     assert max(len(r) for r in packed_rows) >= 3
     packed = packing.build_rows(packed_rows, ids, mask, capacity, pad_id=tok.pad_token_id)
-    single = packing.build_rows(packing.single_rows(range(len(rows))), ids, mask, capacity,
-                                pad_id=tok.pad_token_id)
+    single = packing.build_rows(
+        packing.single_rows(range(len(rows))), ids, mask, capacity, pad_id=tok.pad_token_id
+    )
 
     model, _ = jaxsft.load_hf(os.path.join(assets, "model"), dtype="float32")
     graphdef, params = nnx.split(model)

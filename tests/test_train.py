@@ -52,36 +52,48 @@ def test_first_step_loss_matches_transformers(demo_assets, tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
-    config = load_config(demo_assets, f"--config.run_dir={tmp_path}",
-                         "--config.data.packing=false")
+    config = load_config(demo_assets, f"--config.run_dir={tmp_path}", "--config.data.packing=false")
     batch = first_batch(config)
     trainer = trainer_for(config, 5)
     ids = np.asarray(batch["input_ids"])
     with jax.set_mesh(trainer.mesh):
-        _, metrics = trainer.train_step(trainer.state, trainer.frozen, trainer.ref,
-                                        jax.device_put(batch, trainer.batch_sharding))
+        _, metrics = trainer.train_step(
+            trainer.state,
+            trainer.frozen,
+            trainer.ref,
+            jax.device_put(batch, trainer.batch_sharding),
+        )
     hf = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=torch.float32).eval()
     attn = torch.tensor(batch["segment_ids"] != 0, dtype=torch.long)
     with torch.no_grad():
         logits = hf(torch.tensor(ids.astype(np.int64)), attention_mask=attn).logits
     labels = torch.tensor(np.where(batch["loss_mask"] == 1, ids, -100).astype(np.int64))
-    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                            labels[:, 1:].reshape(-1), ignore_index=-100)
+    ref = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
     assert abs(float(metrics["loss"]) - float(ref)) < 1e-4 * max(1.0, float(ref)), (
-        float(metrics["loss"]), float(ref))
+        float(metrics["loss"]),
+        float(ref),
+    )
 
 
 def test_overfit_one_batch(demo_assets, tmp_path):
-    config = load_config(demo_assets, f"--config.run_dir={tmp_path}",
-                         "--config.train.learning_rate=3e-3", "--config.train.warmup_ratio=0",
-                         "--config.train.end_lr_ratio=1.0", "--config.train.max_grad_norm=0")
+    config = load_config(
+        demo_assets,
+        f"--config.run_dir={tmp_path}",
+        "--config.train.learning_rate=3e-3",
+        "--config.train.warmup_ratio=0",
+        "--config.train.end_lr_ratio=1.0",
+        "--config.train.max_grad_norm=0",
+    )
     batch = first_batch(config)
     trainer = trainer_for(config, 60)
     batch = jax.device_put(batch, trainer.batch_sharding)
     with jax.set_mesh(trainer.mesh):
         for _ in range(60):
-            trainer.state, metrics = trainer.train_step(trainer.state, trainer.frozen,
-                                                        trainer.ref, batch)
+            trainer.state, metrics = trainer.train_step(
+                trainer.state, trainer.frozen, trainer.ref, batch
+            )
     assert float(metrics["loss"]) < 0.05, float(metrics["loss"])
     assert float(metrics["mean_token_accuracy"]) == 1.0
 
@@ -104,8 +116,13 @@ def test_schedule_values():
 def test_lora_trains_only_adapters(demo_assets, tmp_path):
     from jaxsft.models.lora import LoRAParam
 
-    config = load_config(demo_assets, f"--config.run_dir={tmp_path}", "--config.lora.rank=4",
-                         "--config.train.learning_rate=1e-2", "--config.train.weight_decay=0.1")
+    config = load_config(
+        demo_assets,
+        f"--config.run_dir={tmp_path}",
+        "--config.lora.rank=4",
+        "--config.train.learning_rate=1e-2",
+        "--config.train.weight_decay=0.1",
+    )
     batch = first_batch(config)
     trainer = trainer_for(config, 3)
     base_before = jax.tree.map(np.asarray, trainer.frozen)
@@ -118,13 +135,15 @@ def test_lora_trains_only_adapters(demo_assets, tmp_path):
     batch = jax.device_put(batch, trainer.batch_sharding)
     with jax.set_mesh(trainer.mesh):
         for _ in range(3):
-            trainer.state, _ = trainer.train_step(trainer.state, trainer.frozen, trainer.ref,
-                                                  batch)
+            trainer.state, _ = trainer.train_step(trainer.state, trainer.frozen, trainer.ref, batch)
     for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(trainer.frozen), strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))  # bit for bit
-    changed = [not np.array_equal(a, np.asarray(b)) for a, b in
-               zip(jax.tree.leaves(lora_before), jax.tree.leaves(trainer.state["params"]),
-                   strict=True)]
+    changed = [
+        not np.array_equal(a, np.asarray(b))
+        for a, b in zip(
+            jax.tree.leaves(lora_before), jax.tree.leaves(trainer.state["params"]), strict=True
+        )
+    ]
     assert all(changed)
 
 
@@ -132,13 +151,18 @@ def test_grad_accum_equals_one_big_batch(demo_assets, tmp_path):
     """Accumulating 4 micro-batches gives the same update as the whole batch at once."""
     results = []
     for accum in (1, 4):
-        config = load_config(demo_assets, f"--config.run_dir={tmp_path}",
-                             f"--config.train.grad_accum={accum}")
+        config = load_config(
+            demo_assets, f"--config.run_dir={tmp_path}", f"--config.train.grad_accum={accum}"
+        )
         batch = first_batch(config)
         trainer = trainer_for(config, 3)
         with jax.set_mesh(trainer.mesh):
-            state, m = trainer.train_step(trainer.state, trainer.frozen, trainer.ref,
-                                          jax.device_put(batch, trainer.batch_sharding))
+            state, m = trainer.train_step(
+                trainer.state,
+                trainer.frozen,
+                trainer.ref,
+                jax.device_put(batch, trainer.batch_sharding),
+            )
         results.append((float(m["loss"]), jax.tree.map(np.asarray, state["params"])))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1]), strict=True):
@@ -147,17 +171,21 @@ def test_grad_accum_equals_one_big_batch(demo_assets, tmp_path):
 
 def test_kl_to_base_term(demo_assets, tmp_path):
     """KL(fine-tuned || base) is zero while the adapters are zero and positive after training."""
-    config = load_config(demo_assets, f"--config.run_dir={tmp_path}", "--config.lora.rank=4",
-                         "--config.train.kl_to_base=0.5", "--config.train.learning_rate=3e-2",
-                         "--config.train.warmup_ratio=0")
+    config = load_config(
+        demo_assets,
+        f"--config.run_dir={tmp_path}",
+        "--config.lora.rank=4",
+        "--config.train.kl_to_base=0.5",
+        "--config.train.learning_rate=3e-2",
+        "--config.train.warmup_ratio=0",
+    )
     batch = first_batch(config)
     trainer = trainer_for(config, 4)
     batch = jax.device_put(batch, trainer.batch_sharding)
     kls = []
     with jax.set_mesh(trainer.mesh):
         for _ in range(4):
-            trainer.state, m = trainer.train_step(trainer.state, trainer.frozen, trainer.ref,
-                                                  batch)
+            trainer.state, m = trainer.train_step(trainer.state, trainer.frozen, trainer.ref, batch)
             kls.append(float(m["kl_to_base"]))
     assert abs(kls[0]) < 1e-6
     assert kls[-1] > 1e-4
@@ -170,8 +198,15 @@ def test_resume_equals_uninterrupted(demo_assets, tmp_path):
 
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     run_main(demo_assets, full, ["--config.train.max_steps=6"])
-    run_main(demo_assets, part, ["--config.train.max_steps=6", "--config.train.save_every=3",
-                                 "--config.train.stop_after=3"])
+    run_main(
+        demo_assets,
+        part,
+        [
+            "--config.train.max_steps=6",
+            "--config.train.save_every=3",
+            "--config.train.stop_after=3",
+        ],
+    )
     assert sorted(losses(part)) == [1, 2, 3]
     run_main(demo_assets, part, ["--config.train.max_steps=6"])
     lf, lp = losses(full), losses(part)
@@ -194,8 +229,9 @@ def test_sharded_8_devices_equals_single(demo_assets, tmp_path):
     one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
     steps = ["--config.train.max_steps=3"]
     run_main(demo_assets, one, steps)
-    run_main(demo_assets, eight, [*steps, "--config.mesh.fsdp=4", "--config.mesh.tensor=2"],
-             devices=8)
+    run_main(
+        demo_assets, eight, [*steps, "--config.mesh.fsdp=4", "--config.mesh.tensor=2"], devices=8
+    )
     l1, l8 = losses(one), losses(eight)
     for s in l1:
         assert l8[s] == pytest.approx(l1[s], rel=2e-5), (s, l1[s], l8[s])
@@ -218,14 +254,33 @@ def test_two_processes_equal_one(demo_assets, tmp_path):
     steps = ["--config.train.max_steps=3"]
     run_main(demo_assets, one, steps, devices=4)
     port = _free_port()
-    args = [sys.executable, "-m", "jaxsft.main", "--config",
-            os.path.join(ROOT, "configs", "demo.py"), f"--config.run_dir={two}", *FAST, *steps]
-    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True,
-                              env=subprocess_env(demo_assets, 2,
-                                                 JAXSFT_COORDINATOR=f"127.0.0.1:{port}",
-                                                 JAXSFT_NUM_PROCESSES=2, JAXSFT_PROCESS_ID=i))
-             for i in range(2)]
+    args = [
+        sys.executable,
+        "-m",
+        "jaxsft.main",
+        "--config",
+        os.path.join(ROOT, "configs", "demo.py"),
+        f"--config.run_dir={two}",
+        *FAST,
+        *steps,
+    ]
+    procs = [
+        subprocess.Popen(
+            args,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=subprocess_env(
+                demo_assets,
+                2,
+                JAXSFT_COORDINATOR=f"127.0.0.1:{port}",
+                JAXSFT_NUM_PROCESSES=2,
+                JAXSFT_PROCESS_ID=i,
+            ),
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
@@ -235,11 +290,14 @@ def test_two_processes_equal_one(demo_assets, tmp_path):
         assert l2[s] == pytest.approx(l1[s], rel=2e-5), (s, l1[s], l2[s])
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("--config.train.no_such_key=1", "unknown config key 'train.no_such_key'"),
-    ("--config.train.batch_size=many", "train.batch_size"),
-    ("--config.model.dtype=int4", "model.dtype"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("--config.train.no_such_key=1", "unknown config key 'train.no_such_key'"),
+        ("--config.train.batch_size=many", "train.batch_size"),
+        ("--config.model.dtype=int4", "model.dtype"),
+    ],
+)
 def test_cli_config_errors_exit_2(demo_assets, tmp_path, override, needle):
     run_dir = tmp_path / "run"
     proc = run_main(demo_assets, str(run_dir), [override], check=False)
@@ -266,14 +324,32 @@ def test_failed_start_keeps_existing_run_dir(demo_assets, tmp_path):
 def test_run_dir_files(demo_assets, tmp_path):
     """A short run writes the run-directory files of INTERFACE.md with the documented fields."""
     run_dir = tmp_path / "run"
-    run_main(demo_assets, str(run_dir), ["--config.train.max_steps=2",
-                                         "--config.train.eval_at_start=true"])
-    for name in ("config.json", "data_report.json", "metrics.jsonl", "checkpoints", "loss.png",
-                 "tensorboard"):
+    run_main(
+        demo_assets,
+        str(run_dir),
+        ["--config.train.max_steps=2", "--config.train.eval_at_start=true"],
+    )
+    for name in (
+        "config.json",
+        "data_report.json",
+        "metrics.jsonl",
+        "checkpoints",
+        "loss.png",
+        "tensorboard",
+    ):
         assert (run_dir / name).exists(), name
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     step_rows = [r for r in rows if "loss" in r]
-    for key in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_sec",
-                "supervised_tokens_per_sec", "step_time_s", "mfu", "mean_token_accuracy"):
+    for key in (
+        "step",
+        "loss",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_sec",
+        "supervised_tokens_per_sec",
+        "step_time_s",
+        "mfu",
+        "mean_token_accuracy",
+    ):
         assert key in step_rows[0], key
     assert any("eval_loss" in r for r in rows)

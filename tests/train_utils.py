@@ -25,19 +25,39 @@ FAST = [
 
 def subprocess_env(assets: str, devices: int = 1, **extra) -> dict:
     env = dict(os.environ)
-    env.update(JAXSFT_DEMO_ASSETS=assets, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.update(
+        JAXSFT_DEMO_ASSETS=assets,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=ROOT,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
 
-def run_main(assets: str, run_dir: str, overrides=(), devices: int = 1, check=True, env=None,
-             timeout=600):
-    args = [sys.executable, "-m", "jaxsft.main", "--config", DEMO_CONFIG,
-            f"--config.run_dir={run_dir}", *FAST, *overrides]
-    proc = subprocess.run(args, env=env or subprocess_env(assets, devices), capture_output=True,
-                          text=True, cwd=ROOT, timeout=timeout)
+def run_main(
+    assets: str, run_dir: str, overrides=(), devices: int = 1, check=True, env=None, timeout=600
+):
+    args = [
+        sys.executable,
+        "-m",
+        "jaxsft.main",
+        "--config",
+        DEMO_CONFIG,
+        f"--config.run_dir={run_dir}",
+        *FAST,
+        *overrides,
+    ]
+    proc = subprocess.run(
+        args,
+        env=env or subprocess_env(assets, devices),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"jaxsft.main failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

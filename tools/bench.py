@@ -22,9 +22,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def overrides(name: str, run_dir: str) -> list[str]:
     kind, dtype, layout = name.split("_")
-    out = [f"--config.run_dir={run_dir}",
-           f"--config.model.dtype={'bfloat16' if dtype == 'bf16' else 'float32'}",
-           f"--config.data.packing={layout == 'bfd'}"]
+    out = [
+        f"--config.run_dir={run_dir}",
+        f"--config.model.dtype={'bfloat16' if dtype == 'bf16' else 'float32'}",
+        f"--config.data.packing={layout == 'bfd'}",
+    ]
     if kind == "lora":
         out.append("--config.lora.rank=16")
     return out
@@ -41,8 +43,9 @@ def main():
     from jaxsft import config as config_lib
     from jaxsft.train.loop import run
 
-    config = config_lib.load(os.path.join(ROOT, "configs", "bench.py"),
-                             overrides(args.config, run_dir) + extra)
+    config = config_lib.load(
+        os.path.join(ROOT, "configs", "bench.py"), overrides(args.config, run_dir) + extra
+    )
     run(config)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(x) for x in f if x.strip()]

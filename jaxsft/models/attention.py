@@ -55,8 +55,9 @@ def _attend_causal_blocks(q, k, v, mask, block):
     outs = []
     for start in range(0, T, block):
         end = min(start + block, T)
-        outs.append(_core(q5[:, :, :, start:end], k4[:, :, :end], v4[:, :, :end],
-                          mask[:, start:end, :end]))
+        outs.append(
+            _core(q5[:, :, :, start:end], k4[:, :, :end], v4[:, :, :end], mask[:, start:end, :end])
+        )
     return _from_heads_major(jnp.concatenate(outs, axis=3))
 
 
@@ -89,8 +90,9 @@ def _core(q, k, v, mask):
 def _core_fwd(q, k, v, mask):
     B, K, G, T, H = q.shape
     dt = q.dtype
-    s = jnp.einsum("bkqh,bksh->bkqs", q.reshape(B, K, G * T, H), k,
-                   preferred_element_type=jnp.float32).reshape(B, K, G, T, -1)
+    s = jnp.einsum(
+        "bkqh,bksh->bkqs", q.reshape(B, K, G * T, H), k, preferred_element_type=jnp.float32
+    ).reshape(B, K, G, T, -1)
     s = jnp.where(mask[:, None, None], s, NEG_INF)
     p = jnp.exp(s - s.max(-1, keepdims=True))
     p = (p / p.sum(-1, keepdims=True)).astype(dt)
@@ -110,8 +112,12 @@ def _core_bwd(res, do):
     ds = (p.astype(f32) * (dp - delta)).astype(dt)
     dq = jnp.einsum("bkgts,bksh->bkgth", ds, k, preferred_element_type=f32)
     dk = jnp.einsum("bkgts,bkgth->bksh", ds, q, preferred_element_type=f32)
-    return (dq.astype(dt), dk.astype(k.dtype), dv.astype(v.dtype),
-            np.zeros(p.shape[:1] + p.shape[3:], jax.dtypes.float0))
+    return (
+        dq.astype(dt),
+        dk.astype(k.dtype),
+        dv.astype(v.dtype),
+        np.zeros(p.shape[:1] + p.shape[3:], jax.dtypes.float0),
+    )
 
 
 _core.defvjp(_core_fwd, _core_bwd)

@@ -75,14 +75,18 @@ class ModelConfig:
         else:
             path = os.fspath(source)
             if not os.path.exists(path):
-                raise UserError("no such file or directory", where=path,
-                                hint="model.path must be a local HF checkpoint directory")
+                raise UserError(
+                    "no such file or directory",
+                    where=path,
+                    hint="model.path must be a local HF checkpoint directory",
+                )
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
             where = path
             if not os.path.isfile(path):
                 raise UserError(
-                    "no config.json", where=path,
+                    "no config.json",
+                    where=path,
                     hint="model.path must be a HF checkpoint directory with config.json",
                 )
             try:
@@ -139,7 +143,8 @@ def _parse(hf: dict, where: str) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_TYPES:
         raise UserError(
-            f"model_type {model_type!r} is not supported", where=where,
+            f"model_type {model_type!r} is not supported",
+            where=where,
             hint=f"supported: {', '.join(SUPPORTED_TYPES)}",
         )
     for key in MOE_KEYS:
@@ -221,7 +226,8 @@ def _read_rope(hf: dict, where: str) -> tuple[float, dict | None]:
         raise UserError(
             f"rope type {rope_type!r} (key rope_scaling/rope_parameters.rope_type) "
             "is not supported",
-            where=where, hint=f"supported: {', '.join(SUPPORTED_ROPE)}",
+            where=where,
+            hint=f"supported: {', '.join(SUPPORTED_ROPE)}",
         )
     if rope_type == "default":
         return theta, None

@@ -37,18 +37,30 @@ def matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
 class Linear(nnx.Module):
     """y = x W (+ b) (+ scale * x A B). kernel [in, out] (the transpose of HF's weight)."""
 
-    def __init__(self, d_in, d_out, names, *, bias=False, lora: LoraConfig | None = None,
-                 dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_in,
+        d_out,
+        names,
+        *,
+        bias=False,
+        lora: LoraConfig | None = None,
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.dtype = dtype
         self.kernel = _param(rngs, (d_in, d_out), names, param_dtype)
         self.bias = _param(rngs, (d_out,), names[1:], param_dtype, "zeros") if bias else None
         self.lora_scale = lora.scale if lora else 0.0
         if lora:
             r = lora.rank
-            self.lora_a = _param(rngs, (d_in, r), (names[0], "lora_rank"), param_dtype,
-                                 "uniform_fan_in", LoRAParam)
-            self.lora_b = _param(rngs, (r, d_out), ("lora_rank", names[1]), param_dtype,
-                                 "zeros", LoRAParam)
+            self.lora_a = _param(
+                rngs, (d_in, r), (names[0], "lora_rank"), param_dtype, "uniform_fan_in", LoRAParam
+            )
+            self.lora_b = _param(
+                rngs, (r, d_out), ("lora_rank", names[1]), param_dtype, "zeros", LoRAParam
+            )
         else:
             self.lora_a = self.lora_b = None
 
@@ -78,8 +90,7 @@ class RMSNorm(nnx.Module):
 class Embed(nnx.Module):
     """Token embedding [V, D]."""
 
-    def __init__(self, vocab, dim, *, dtype=jnp.bfloat16, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, vocab, dim, *, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.dtype = dtype
         self.embedding = _param(rngs, (vocab, dim), ("vocab", "embed"), param_dtype)
 

@@ -28,8 +28,9 @@ def einsum(spec: str, a, b, compute_dtype, out_dtype):
 
 
 def _forward(spec, a, b, compute_dtype, out_dtype):
-    y = jnp.einsum(spec, a.astype(compute_dtype), b.astype(compute_dtype),
-                   preferred_element_type=jnp.float32)
+    y = jnp.einsum(
+        spec, a.astype(compute_dtype), b.astype(compute_dtype), preferred_element_type=jnp.float32
+    )
     return y.astype(out_dtype)
 
 

@@ -27,8 +27,9 @@ def run(config) -> dict:
     data = pipeline.build_datasets(config, tokenizer)
     evals = Evals(config, data, tokenizer)
     total = total_steps(config, data)
-    trainer = setup_lib.compile_steps(setup_lib.build_model_state(config, total_steps=total),
-                                      config)
+    trainer = setup_lib.compile_steps(
+        setup_lib.build_model_state(config, total_steps=total), config
+    )
     if is_main:
         write_run_files(config, data.report)
     data_iter = pipeline.train_iterator(data, config)
@@ -63,10 +64,13 @@ def train_loop(config, trainer, evals, data_iter, ckpt, log, start, end, stop) -
     step = start
     while step < end and not stop.requested:
         local = next(data_iter)
-        batch = {k: jax.make_array_from_process_local_data(trainer.batch_sharding, v)
-                 for k, v in local.items()}
-        trainer.state, metrics = trainer.train_step(trainer.state, trainer.frozen, trainer.ref,
-                                                    batch)
+        batch = {
+            k: jax.make_array_from_process_local_data(trainer.batch_sharding, v)
+            for k, v in local.items()
+        }
+        trainer.state, metrics = trainer.train_step(
+            trainer.state, trainer.frozen, trainer.ref, batch
+        )
         step += 1
         window.add(metrics, metrics_lib.step_flops(trainer.model_cfg, local["segment_ids"]))
         if step % max(tc.log_every, 1) == 0 or step == end:
@@ -138,8 +142,7 @@ class Evals:
 
             model = trainer.model()
             if self.golden:
-                g = golden_eval(model, self.tokenizer, self.golden,
-                                self.config.eval.max_new_tokens)
+                g = golden_eval(model, self.tokenizer, self.golden, self.config.eval.max_new_tokens)
                 out["golden_score"] = g["score"]
                 if details is not None:
                     details["golden"] = g
@@ -157,15 +160,20 @@ def held_out_loss(trainer, data, config) -> dict:
         return {}
     totals = {}
     for local in pipeline.eval_iterator(data, config):
-        batch = {k: jax.make_array_from_process_local_data(trainer.batch_sharding, v)
-                 for k, v in local.items()}
-        sums = jax.device_get(trainer.eval_step(trainer.state["params"], trainer.frozen,
-                                                trainer.ref, batch))
+        batch = {
+            k: jax.make_array_from_process_local_data(trainer.batch_sharding, v)
+            for k, v in local.items()
+        }
+        sums = jax.device_get(
+            trainer.eval_step(trainer.state["params"], trainer.frozen, trainer.ref, batch)
+        )
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     count = max(totals.get("count", 0.0), 1.0)
-    return {"eval_loss": totals["loss_sum"] / count,
-            "eval_token_accuracy": totals["correct"] / count}
+    return {
+        "eval_loss": totals["loss_sum"] / count,
+        "eval_token_accuracy": totals["correct"] / count,
+    }
 
 
 def total_steps(config, data) -> int:
@@ -195,8 +203,11 @@ def check_run_dir(config):
         for part in key.split("."):
             a, b = a[part], b[part]
         if a != b:
-            raise UserError(f"run_dir holds a run with {key}={a!r}, this config has {b!r}",
-                            where=path, hint="use a new run_dir, or the same settings to resume")
+            raise UserError(
+                f"run_dir holds a run with {key}={a!r}, this config has {b!r}",
+                where=path,
+                hint="use a new run_dir, or the same settings to resume",
+            )
 
 
 def write_run_files(config, report: dict):
@@ -225,8 +236,9 @@ def finish(config, trainer, evals, step, resumed_finished=False) -> dict:
     summary = {"step": step, "before": logged_at(config.run_dir, 0), "after": after}
     if jax.process_index() == 0:
         metrics_lib.append_row(config.run_dir, {"step": step, **after})
-        metrics_lib.plot_loss(os.path.join(config.run_dir, "metrics.jsonl"),
-                              os.path.join(config.run_dir, "loss.png"))
+        metrics_lib.plot_loss(
+            os.path.join(config.run_dir, "metrics.jsonl"), os.path.join(config.run_dir, "loss.png")
+        )
     from jaxsft.train import hooks
 
     summary["exported"] = hooks.after_training(config, trainer, evals.tokenizer)
@@ -256,10 +268,15 @@ def logged_at(run_dir: str, step: int) -> dict:
 def format_summary(summary: dict) -> str:
     """A before/after table of the evals."""
     before, after = summary.get("before", {}), summary.get("after", {})
-    keys = [k for k in ("eval_loss", "eval_token_accuracy", "golden_score", "mc_accuracy")
-            if k in before or k in after]
-    lines = [f"step {summary.get('step')}: evaluation before -> after training",
-             f"{'metric':<22}{'before':>10}{'after':>10}"]
+    keys = [
+        k
+        for k in ("eval_loss", "eval_token_accuracy", "golden_score", "mc_accuracy")
+        if k in before or k in after
+    ]
+    lines = [
+        f"step {summary.get('step')}: evaluation before -> after training",
+        f"{'metric':<22}{'before':>10}{'after':>10}",
+    ]
     for k in keys:
         b, a = before.get(k), after.get(k)
         lines.append(f"{k:<22}{_fmt(b):>10}{_fmt(a):>10}")

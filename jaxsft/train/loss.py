@@ -61,8 +61,12 @@ def chunked_xent(h, kernel, targets, weights, *, chunk: int, dtype, base=None, k
         return _xent_kl_chunk(xc, kernel, base[1], dtype)
 
     def body(acc, xc):
-        out = jax.lax.cond(xc["w"].sum() > 0, compute,
-                           lambda _: {"loss_sum": zero, "correct": zero, "kl_sum": zero}, xc)
+        out = jax.lax.cond(
+            xc["w"].sum() > 0,
+            compute,
+            lambda _: {"loss_sum": zero, "correct": zero, "kl_sum": zero},
+            xc,
+        )
         return jax.tree.map(jnp.add, acc, out), None
 
     sums, _ = jax.lax.scan(body, {"loss_sum": zero, "correct": zero, "kl_sum": zero}, xs)
@@ -116,8 +120,7 @@ def _xent_bwd(dtype, res, g):
     h_c, k_c = h.astype(dtype), kernel.astype(dtype)
     dh = jnp.einsum("cv,dv->cd", dlogits, k_c, preferred_element_type=jnp.float32)
     dk = jnp.einsum("cd,cv->dv", h_c, dlogits, preferred_element_type=jnp.float32)
-    return dh.astype(h.dtype), dk.astype(kernel.dtype), _int_zeros(targets), jnp.zeros_like(
-        weights)
+    return dh.astype(h.dtype), dk.astype(kernel.dtype), _int_zeros(targets), jnp.zeros_like(weights)
 
 
 xent_chunk.defvjp(_xent_fwd, _xent_bwd)
@@ -130,9 +133,12 @@ def _xent_kl_chunk(xc, kernel, base_kernel, dtype):
     logp = jax.nn.log_softmax(logits, axis=-1)
     tgt = jnp.take_along_axis(logp, xc["t"][:, None], axis=-1)[:, 0]
     wc = xc["w"]
-    logp_b = jax.nn.log_softmax(ops.einsum("cd,dv->cv", xc["hb"], base_kernel, dtype,
-                                           jnp.float32), axis=-1)
+    logp_b = jax.nn.log_softmax(
+        ops.einsum("cd,dv->cv", xc["hb"], base_kernel, dtype, jnp.float32), axis=-1
+    )
     kl = (jnp.exp(logp) * (logp - jax.lax.stop_gradient(logp_b))).sum(-1)
-    return {"loss_sum": -(tgt * wc).sum(),
-            "correct": ((jnp.argmax(logits, -1) == xc["t"]) * wc).sum(),
-            "kl_sum": (kl * wc).sum()}
+    return {
+        "loss_sum": -(tgt * wc).sum(),
+        "correct": ((jnp.argmax(logits, -1) == xc["t"]) * wc).sum(),
+        "kl_sum": (kl * wc).sum(),
+    }

@@ -35,13 +35,22 @@ def lr_schedule(peak: float, total_steps: int, warmup_ratio: float, end_ratio: f
 
 def make_optimizer(train_cfg, total_steps: int):
     """optax AdamW per the train.* config; returns (tx, schedule)."""
-    schedule = lr_schedule(train_cfg.learning_rate, total_steps, train_cfg.warmup_ratio,
-                           train_cfg.end_lr_ratio)
+    schedule = lr_schedule(
+        train_cfg.learning_rate, total_steps, train_cfg.warmup_ratio, train_cfg.end_lr_ratio
+    )
     parts = []
     if train_cfg.max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(train_cfg.max_grad_norm))
-    parts.append(optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
-                             weight_decay=train_cfg.weight_decay, mask=_mask_fn))
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=train_cfg.b1,
+            b2=train_cfg.b2,
+            eps=train_cfg.eps,
+            weight_decay=train_cfg.weight_decay,
+            mask=_mask_fn,
+        )
+    )
     return optax.chain(*parts), schedule
 
 

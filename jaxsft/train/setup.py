@@ -42,8 +42,12 @@ class TrainSetup:
 def lora_config(config) -> LoraConfig | None:
     if config.lora.rank <= 0:
         return None
-    return LoraConfig(rank=int(config.lora.rank), alpha=float(config.lora.alpha),
-                      targets=tuple(config.lora.targets), rslora=bool(config.lora.rslora))
+    return LoraConfig(
+        rank=int(config.lora.rank),
+        alpha=float(config.lora.alpha),
+        targets=tuple(config.lora.targets),
+        rslora=bool(config.lora.rslora),
+    )
 
 
 def config_mesh(config):
@@ -54,11 +58,17 @@ def build_model_state(config, mesh=None, total_steps: int = 1) -> TrainSetup:
     """Load the HF checkpoint sharded on the mesh, split it, and create the optimizer state."""
     mesh = mesh if mesh is not None else config_mesh(config)
     lora = lora_config(config)
-    model, model_cfg = load_hf(config.model.path, dtype=config.model.dtype,
-                               param_dtype=config.model.param_dtype, mesh=mesh, lora=lora,
-                               remat=config.model.remat, attention_impl=config.model.attention,
-                               unroll=config.model.unroll_layers,
-                               seed=config.train.seed)
+    model, model_cfg = load_hf(
+        config.model.path,
+        dtype=config.model.dtype,
+        param_dtype=config.model.param_dtype,
+        mesh=mesh,
+        lora=lora,
+        remat=config.model.remat,
+        attention_impl=config.model.attention,
+        unroll=config.model.unroll_layers,
+        seed=config.train.seed,
+    )
     trainable = LoRAParam if lora else nnx.Param
     graphdef, params, frozen = nnx.split(model, trainable, ...)
     ref = None
@@ -72,34 +82,51 @@ def build_model_state(config, mesh=None, total_steps: int = 1) -> TrainSetup:
         "opt_state": init_opt_state(tx, params, replicated),
         "rng": jax.device_put(jax.random.key_data(jax.random.key(config.train.seed)), replicated),
     }
-    return TrainSetup(mesh=mesh, model_cfg=model_cfg, lora_cfg=lora, graphdef=graphdef,
-                      state=state, frozen=frozen, ref=ref, tx=tx, schedule=schedule)
+    return TrainSetup(
+        mesh=mesh,
+        model_cfg=model_cfg,
+        lora_cfg=lora,
+        graphdef=graphdef,
+        state=state,
+        frozen=frozen,
+        ref=ref,
+        tx=tx,
+        schedule=schedule,
+    )
 
 
 def init_opt_state(tx, params, replicated):
     """Optimizer state with each moment sharded like its parameter (counts replicated)."""
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     abstract = jax.eval_shape(tx.init, params)
-    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract, param_sh,
-                                   transform_non_params=lambda _: replicated)
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, sh: sh, abstract, param_sh, transform_non_params=lambda _: replicated
+    )
     return jax.jit(tx.init, out_shardings=opt_sh)(params)
 
 
 def compile_steps(setup: TrainSetup, config) -> TrainSetup:
     """Jit the train and eval steps with explicit shardings; the state is donated."""
-    loss_fn = step_lib.make_loss_fn(setup.graphdef, chunk=config.train.loss_chunk,
-                                    kl_beta=float(config.train.kl_to_base),
-                                    lora=setup.lora_cfg is not None)
+    loss_fn = step_lib.make_loss_fn(
+        setup.graphdef,
+        chunk=config.train.loss_chunk,
+        kl_beta=float(config.train.kl_to_base),
+        lora=setup.lora_cfg is not None,
+    )
     shard = _shardings
     state_sh, frozen_sh, ref_sh = shard(setup.state), shard(setup.frozen), shard(setup.ref)
     setup.batch_sharding = NamedSharding(setup.mesh, PartitionSpec(BATCH, None))
     train = step_lib.make_train_step(loss_fn, setup.tx, setup.schedule, config.train.grad_accum)
-    setup.train_step = jax.jit(train, in_shardings=(state_sh, frozen_sh, ref_sh,
-                                                    setup.batch_sharding),
-                               out_shardings=(state_sh, None), donate_argnums=(0,))
-    setup.eval_step = jax.jit(step_lib.make_eval_step(loss_fn),
-                              in_shardings=(state_sh["params"], frozen_sh, ref_sh,
-                                            setup.batch_sharding))
+    setup.train_step = jax.jit(
+        train,
+        in_shardings=(state_sh, frozen_sh, ref_sh, setup.batch_sharding),
+        out_shardings=(state_sh, None),
+        donate_argnums=(0,),
+    )
+    setup.eval_step = jax.jit(
+        step_lib.make_eval_step(loss_fn),
+        in_shardings=(state_sh["params"], frozen_sh, ref_sh, setup.batch_sharding),
+    )
     return setup
 
 

@@ -35,8 +35,16 @@ def make_loss_fn(graphdef, *, chunk: int, kl_beta: float = 0.0, lora: bool = Fal
             base_model = nnx.merge(graphdef, base_params, frozen)
             hb = jax.lax.stop_gradient(base_model.hidden(ids, pos, seg))
             base = (hb, jax.lax.stop_gradient(base_model.unembed_kernel()))
-        sums = chunked_xent(h, model.unembed_kernel(), targets, weights, chunk=chunk,
-                            dtype=model.dtype, base=base, kl_beta=kl_beta)
+        sums = chunked_xent(
+            h,
+            model.unembed_kernel(),
+            targets,
+            weights,
+            chunk=chunk,
+            dtype=model.dtype,
+            base=base,
+            kl_beta=kl_beta,
+        )
         return sums["objective_sum"], sums
 
     return loss_fn
@@ -63,8 +71,10 @@ def make_train_step(loss_fn, tx, schedule, grad_accum: int):
             (_, sums), grads = grad_fn(params, frozen, ref, mb)
             return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-        zeros = (jax.tree.map(jnp.zeros_like, params),
-                 {k: jnp.zeros((), jnp.float32) for k in SUMS})
+        zeros = (
+            jax.tree.map(jnp.zeros_like, params),
+            {k: jnp.zeros((), jnp.float32) for k in SUMS},
+        )
         (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro_batches(batch, grad_accum))
         count = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
