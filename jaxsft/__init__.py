@@ -6,7 +6,12 @@ rendered = jaxsft.data.render(tokenizer, example)
 texts = jaxsft.generate(model, tokenizer, conversations, max_new_tokens=64)
 """
 
+import os
 from importlib import import_module
+
+# jaxsft uses transformers only for configs, tokenizers and chat templates: its advice that
+# PyTorch is missing is noise here.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 __version__ = "0.1.0"
 __all__ = ["load_hf", "generate", "data", "ModelConfig"]
