@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -76,9 +77,11 @@ def train_loop(config, trainer, evals, data_iter, ckpt, log, start, end, stop) -
         if step % max(tc.log_every, 1) == 0 or step == end:
             log.log(step, window.flush(peak))
         if tc.eval_every and step % tc.eval_every == 0 and step < log.total:
-            log.log(step, evals(trainer))
+            with window.excluded(trainer.state):
+                log.log(step, evals(trainer))
         if tc.save_every and step % tc.save_every == 0:
-            ckpt.save(step, trainer.state, data_iter)
+            with window.excluded(trainer.state):
+                ckpt.save(step, trainer.state, data_iter)
         log.advance(step)
     return step
 
@@ -92,6 +95,15 @@ class Window:
 
     def add(self, metrics, flops):
         self.items.append((metrics, flops))
+
+    @contextlib.contextmanager
+    def excluded(self, state):
+        """Time spent inside (evals, checkpoint saves) does not count as step time; the steps
+        already dispatched are waited for first, so their time still counts."""
+        jax.block_until_ready(state)
+        t = time.perf_counter()
+        yield
+        self.t0 += time.perf_counter() - t
 
     def flush(self, peak_flops) -> dict:
         fetched = jax.device_get([m for m, _ in self.items])  # waits for the steps
