@@ -10,6 +10,7 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from jaxsft.errors import UserError
 from jaxsft.sharding import make_mesh
@@ -91,11 +92,19 @@ def restore_model(run_dir: str, step: int | None = None):
             f"no checkpoint for step {step} (have {steps})", where=checkpoint_dir(run_dir)
         )
     config = config_lib.from_json(cfg_path)
-    # Restore onto whatever devices this process has (the run may have used another mesh).
-    trainer = setup.build_model_state(config, mesh=make_mesh(1, -1, 1), total_steps=1)
-    ckpt = Checkpointer(run_dir, keep=max(len(steps), 1), use_async=False)
-    try:
-        trainer.state = ckpt.restore(step, trainer.state)
-    finally:
-        ckpt.close()
-    return trainer.model(), trainer.model_cfg, trainer.lora_cfg, config
+    # Onto whatever devices this process has (the run may have used another mesh); only the
+    # trainable parameters are read, not the optimizer state.
+    model, model_cfg = setup.load_model(config, make_mesh(1, -1, 1))
+    lora = setup.lora_config(config)
+    graphdef, params, frozen = setup.split_trainable(model, lora)
+    params = restore_params(os.path.join(checkpoint_dir(run_dir), str(step), "state"), params)
+    return nnx.merge(graphdef, params, frozen), model_cfg, lora, config
+
+
+def restore_params(state_dir: str, params):
+    """The "params" subtree of a saved train state, into the shardings of `params`."""
+    abstract = {"params": jax.tree.map(_abstract, params)}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    args = ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
+    with ocp.PyTreeCheckpointer() as ckpt:
+        return ckpt.restore(state_dir, args=args)["params"]

@@ -54,23 +54,32 @@ def config_mesh(config):
     return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
 
 
-def build_model_state(config, mesh=None, total_steps: int = 1) -> TrainSetup:
-    """Load the HF checkpoint sharded on the mesh, split it, and create the optimizer state."""
-    mesh = mesh if mesh is not None else config_mesh(config)
-    lora = lora_config(config)
-    model, model_cfg = load_hf(
+def split_trainable(model, lora: LoraConfig | None):
+    """(graphdef, trainable, frozen): the adapters of a LoRA run, else every parameter."""
+    return nnx.split(model, LoRAParam if lora else nnx.Param, ...)
+
+
+def load_model(config, mesh):
+    """The run's model from model.path, sharded on `mesh` (adapters freshly initialised)."""
+    return load_hf(
         config.model.path,
         dtype=config.model.dtype,
         param_dtype=config.model.param_dtype,
         mesh=mesh,
-        lora=lora,
+        lora=lora_config(config),
         remat=config.model.remat,
         attention_impl=config.model.attention,
         unroll=config.model.unroll_layers,
         seed=config.train.seed,
     )
-    trainable = LoRAParam if lora else nnx.Param
-    graphdef, params, frozen = nnx.split(model, trainable, ...)
+
+
+def build_model_state(config, mesh=None, total_steps: int = 1) -> TrainSetup:
+    """Load the HF checkpoint sharded on the mesh, split it, and create the optimizer state."""
+    mesh = mesh if mesh is not None else config_mesh(config)
+    lora = lora_config(config)
+    model, model_cfg = load_model(config, mesh)
+    graphdef, params, frozen = split_trainable(model, lora)
     ref = None
     if config.train.kl_to_base and not lora:  # full SFT: a frozen bf16 copy of the base
         ref = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
