@@ -59,11 +59,6 @@ def export_dtype(dtype: str, cfg: ModelConfig) -> str:
     return name
 
 
-def hf_config(cfg: ModelConfig, dtype_name: str) -> dict:
-    """config.json in the source's style, with the dtype key (4.x torch_dtype, 5.x dtype) set."""
-    return cfg.to_hf(dtype=dtype_name)
-
-
 class _Leaf:
     """One state leaf as hf_tensors reads it: leaf[i] is layer i, np.asarray(leaf) all of it."""
 
@@ -173,7 +168,7 @@ def export_merged(
         tensors = ((k, a) for k, a, _ in hf_tensors(view, cfg))
         write_safetensors(tmp, plan, tensors, max_shard_bytes=max_shard_bytes, write=write)
         if write:
-            write_json(tmp / "config.json", hf_config(cfg, name))
+            write_json(tmp / "config.json", cfg.to_hf(dtype=name))
             write_generation_config(tokenizer_dir, tmp, cfg)
             if tokenizer_dir is not None:
                 copy_tokenizer(tokenizer_dir, tmp)

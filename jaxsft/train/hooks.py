@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def after_training(config, trainer, tokenizer=None) -> dict:
+def after_training(config, trainer) -> dict:
     """Export the trained model per export.*; returns {"merged"|"peft": directory}."""
     from jaxsft import export
 

@@ -253,7 +253,7 @@ def finish(config, trainer, evals, step, resumed_finished=False) -> dict:
         )
     from jaxsft.train import hooks
 
-    summary["exported"] = hooks.after_training(config, trainer, evals.tokenizer)
+    summary["exported"] = hooks.after_training(config, trainer)
     if jax.process_index() == 0:
         with open(summary_path, "w") as f:
             json.dump(summary, f, indent=2)
