@@ -40,7 +40,8 @@ from tokenizers_fixture import tokenizer_dir  # noqa: E402
 import jaxsft  # noqa: E402
 from jaxsft import export  # noqa: E402
 from jaxsft.errors import UserError  # noqa: E402
-from jaxsft.export_check import TOLERANCES, ExportCheckError, float32_logits  # noqa: E402
+from jaxsft.export import merged  # noqa: E402
+from jaxsft.export.check import TOLERANCES, ExportCheckError, float32_logits  # noqa: E402
 from jaxsft.models.lora import LoraConfig, LoRAParam  # noqa: E402
 
 # The export itself is exact in float32 (only summation order differs: W x + s (x A) B against
@@ -337,13 +338,13 @@ def test_failed_export_keeps_old_dir(hf_checkpoints, tmp_path, monkeypatch):
     out = export.export_merged(model, cfg, tmp_path / "hf")
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     perturb(model, seed=1, lora=False)
-    real = export._merged_fetch
+    real = merged._merged_fetch
 
     def corrupt(model, np_dtype, entry, i):
         value = real(model, np_dtype, entry, i)
         return value + 1 if entry.path == ("norm", "scale") else value
 
-    monkeypatch.setattr(export, "_merged_fetch", corrupt)
+    monkeypatch.setattr(merged, "_merged_fetch", corrupt)
     with pytest.raises(ExportCheckError, match="differ from the in-memory model"):
         export.export_merged(model, cfg, out)
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before

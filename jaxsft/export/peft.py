@@ -22,7 +22,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from jaxsft.errors import UserError
-from jaxsft.export_check import (
+from jaxsft.export.check import (
     TOLERANCES,
     ExportCheckError,
     compare,
@@ -31,15 +31,8 @@ from jaxsft.export_check import (
     probe_ids,
     reload_mesh,
 )
-from jaxsft.export_files import (
-    Planned,
-    atomic_dir,
-    host_layer,
-    is_writer,
-    refuse_overwrite,
-    write_json,
-    write_safetensors,
-)
+from jaxsft.export.files import Planned, host_layer, is_writer, write_json, write_safetensors
+from jaxsft.export.targets import export_dir
 from jaxsft.hf_io import DTYPES, hf_keys, weight_table
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.lora import LoraConfig, LoRAParam
@@ -114,19 +107,22 @@ def export_peft(
     base_model_path: str | os.PathLike,
     dtype: str = "float32",
     check: bool = True,
+    run_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    step: int | None = None,
 ) -> Path:
     """Write the LoRA adapters of `model` as a PEFT adapter directory, then self-check it.
 
     The check loads `base_model_path` with jaxsft, folds in the written adapter (as peft would
     read it) and compares logits with `model` (ExportCheckError on a mismatch; nothing is moved
     into place). dtype: the adapter tensors' dtype (PEFT keeps adapters in float32).
+    run_dir, force, step: as for export_merged (the rules of targets.py).
     """
     if lora_cfg is None or lora_cfg.rank <= 0 or not adapted_linears(model, cfg):
         raise UserError(
             "a PEFT adapter needs a LoRA run (lora.rank > 0)",
             hint="use --format merged for a full fine-tuning run",
         )
-    refuse_overwrite(out_dir, base_model_path)
     adapted = {e.path[-2] for e, _ in adapted_linears(model, cfg)}
     assert adapted == set(lora_cfg.targets), (adapted, lora_cfg.targets)
     np_dtype = np.dtype(DTYPES[dtype])
@@ -139,7 +135,9 @@ def export_peft(
 
     plan = [Planned(k, a.shape, a.dtype) for k, a in adapter_tensors(model, cfg, plan_fetch)]
     write = is_writer()
-    with atomic_dir(out_dir, write=write) as tmp:
+    with export_dir(
+        out_dir, "peft", base_model_path, run_dir=run_dir, force=force, step=step, write=write
+    ) as tmp:
         write_safetensors(
             tmp,
             plan,

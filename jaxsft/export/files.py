@@ -1,5 +1,6 @@
-"""File-level pieces of the export: a streaming safetensors writer, atomic output directories,
-host gathers, and the tokenizer / generation-config files copied next to the weights.
+"""File-level pieces of the export: a streaming safetensors writer, host gathers, and the
+tokenizer / generation-config files copied next to the weights (targets.py decides where they
+go and moves them into place).
 
 The writer knows every tensor's key, shape and dtype before it reads any value (a plan), so it
 can write each file's header first and then stream the tensors one at a time: host memory holds
@@ -13,8 +14,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -153,50 +152,6 @@ def write_safetensors(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return weight_map
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike, *, write: bool = True) -> Iterator[Path]:
-    """Yield an empty temp dir next to out_dir; on success it replaces out_dir in one rename.
-
-    On any error the temp dir is removed and an existing out_dir is left as it was.
-    """
-    out = Path(out_dir).absolute()
-    if out.exists() and not out.is_dir():
-        raise UserError("the export target exists and is not a directory", where=out)
-    if not write:  # non-writing processes: a throwaway dir keeps the code path the same
-        with tempfile.TemporaryDirectory() as tmp:
-            yield Path(tmp)
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()  # (not mkdtemp: its 0700 mode would stay on the renamed directory)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    if out.exists():
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        if old.exists():
-            os.rename(old, out)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def refuse_overwrite(out_dir, source) -> None:
-    """An export never replaces the checkpoint it reads from (model.path)."""
-    if Path(out_dir).resolve() == Path(source).resolve():
-        raise UserError(
-            "the export directory is the base checkpoint itself",
-            where=out_dir,
-            hint="export into the run directory or another --out",
-        )
 
 
 def copy_tokenizer(src: str | os.PathLike, out_dir: Path) -> list[str]:

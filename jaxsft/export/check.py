@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from jaxsft.export_files import host_array, is_writer
+from jaxsft.export.files import host_array, is_writer
 
 # Max |logit difference| / max |logit| per dtype the weights were stored in.
 TOLERANCES = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
@@ -86,21 +86,26 @@ def compare(got: np.ndarray, want: np.ndarray, tol: float, what: str) -> float:
     return rel
 
 
-def on_writer(check) -> float | None:
-    """Run check() on process 0 only and make every process fail if it fails there."""
+def on_writer(
+    check,
+    error: type[Exception] = ExportCheckError,
+    failed: str = "the export self-check failed on process 0",
+):
+    """Run check() on process 0 only and make every process fail if it fails there: process 0
+    raises its `error`, the others error(failed)."""
     if jax.process_count() == 1:
         return check()
     from jax.experimental import multihost_utils
 
-    error, result = None, None
+    caught, result = None, None
     if is_writer():
         try:
             result = check()
-        except ExportCheckError as e:
-            error = e
-    ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+        except error as e:
+            caught = e
+    ok = multihost_utils.broadcast_one_to_all(np.int32(caught is None))
     if not int(ok):
-        raise error or ExportCheckError("the export self-check failed on process 0")
+        raise caught or error(failed)
     return result
 
 
