@@ -57,6 +57,11 @@ def test_overrides_types(tmp_path):
         ("--config.train.grad_accum=3", "multiple of train.grad_accum"),
         ("--config.export.format=peft", "needs a LoRA run"),
         ("--config.data.packing=maybe", "true or false"),
+        ("--config.train.warmup_ratio=1.0", "train.warmup_ratio must be in [0, 1)"),
+        ("--config.train.end_lr_ratio=1.5", "train.end_lr_ratio must be in [0, 1]"),
+        ("--config.train.divergence_factor=1.0", "train.divergence_factor must be 0 (off) or > 1"),
+        ("--config.train.max_bad_steps=0", "train.max_bad_steps must be > 0"),
+        ('--config.data.train=[{"path": "a.jsonl", "weight": -2}]', "data.train: mixture entry 0"),
     ],
 )
 def test_bad_overrides(override, needle):
@@ -64,3 +69,38 @@ def test_bad_overrides(override, needle):
     with pytest.raises(UserError, match=None) as e:
         config_lib.load(path, [override])
     assert needle in str(e.value)
+
+
+def test_lora_without_targets_is_refused():
+    path = os.path.join(ROOT, "configs", "llama31_8b_lora.py")  # lora.rank 16
+    with pytest.raises(UserError, match=r"lora.targets=\(\) would train no parameter") as e:
+        config_lib.load(path, ["--config.lora.targets=()"])
+    assert e.value.where == path and "lora.rank=0" in e.value.hint
+
+
+def test_edge_values_are_accepted(tmp_path):
+    path = os.path.join(ROOT, "configs", "llama32_1b_full.py")
+    edges = [
+        "--config.train.warmup_ratio=0",
+        "--config.train.end_lr_ratio=1.0",
+        "--config.train.divergence_factor=0",
+        "--config.train.max_bad_steps=1",
+        "--config.lora.targets=()",  # full fine-tuning (lora.rank 0) ignores the targets
+    ]
+    cfg = config_lib.load(path, edges)
+    assert cfg.train.end_lr_ratio == 1.0 and cfg.train.divergence_factor == 0
+
+
+def test_run_dir_that_is_a_file_and_missing_keys(tmp_path):
+    path = os.path.join(ROOT, "configs", "llama32_1b_full.py")
+    (tmp_path / "notes").write_text("mine")
+    with pytest.raises(UserError, match="is an existing file") as e:
+        config_lib.load(path, [f"--config.run_dir={tmp_path / 'notes'}"])
+    assert e.value.where == path
+    partial = tmp_path / "partial.py"
+    partial.write_text(
+        "import ml_collections\n\n\ndef get_config():\n"
+        "    return ml_collections.ConfigDict({'run_dir': 'r'})\n"
+    )
+    with pytest.raises(UserError, match=r"config key '\w+' is missing"):
+        config_lib.load(str(partial))

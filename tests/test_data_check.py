@@ -169,6 +169,33 @@ def test_cli_malformed_file_exits_2_with_file_line_and_no_traceback(tmp_path_fac
     assert not (tmp_path / "run" / "data_report.json").exists()
 
 
+def test_cli_prints_truncation_drops(tmp_path_factory, tmp_path):
+    model = tokenizer_dir("chatml", tmp_path_factory.getbasetemp() / "data_tokenizers")
+    train = write_jsonl(tmp_path / "train.jsonl", [chat("word " * 80, "ok")] + TRAIN[3:6])
+    r = run_check(["--config", config_file(tmp_path, model, train)])
+    assert r.returncode == 0, r.stderr
+    assert (
+        "dropped 1 of 4 train examples with no supervised token left after truncation to "
+        f"max_length=64 (first: {train}:1); see data_report.json"
+    ) in r.stdout
+
+
+@pytest.mark.parametrize("on_invalid", ["error", "skip"])
+def test_no_chat_template_blames_the_tokenizer_not_the_data(tmp_path_factory, tmp_path, on_invalid):
+    from transformers import AutoTokenizer
+
+    model = tokenizer_dir("chatml", tmp_path_factory.getbasetemp() / "data_tokenizers")
+    tok = AutoTokenizer.from_pretrained(model, local_files_only=True)  # a copy to change
+    tok.chat_template = None
+    c = get_config()
+    c.data.train = write_jsonl(tmp_path / "t.jsonl", [{"text": "plain"}] + TRAIN[:2])
+    c.data.on_invalid = on_invalid
+    with pytest.raises(UserError, match="no chat template") as e:
+        pipeline.build_datasets(c, tok)
+    assert e.value.where == f"{model}/tokenizer_config.json"
+    assert f"{c.data.train}:2" in e.value.message and "chat_template.jinja" in e.value.hint
+
+
 def test_unwritable_run_dir_is_a_user_error(tmp_path):
     from jaxsft.data import check
 

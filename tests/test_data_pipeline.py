@@ -166,7 +166,7 @@ def test_resume_from_checkpoint_gives_the_same_next_batches(data, tmp_path):
             np.testing.assert_array_equal(got[key], want[key])
 
 
-def test_rows_without_supervised_tokens_are_dropped_and_counted(tok, tmp_path):
+def test_rows_without_supervised_tokens_are_dropped_and_counted(tok, tmp_path, capsys):
     long_user = {"role": "user", "content": "word " * 200}
     rows = [conversation(random.Random(i), i) for i in range(6)]
     rows += [{"messages": [long_user, {"role": "assistant", "content": "ok"}]}] * 2
@@ -178,6 +178,10 @@ def test_rows_without_supervised_tokens_are_dropped_and_counted(tok, tmp_path):
     assert [d["where"] for d in rep["dropped"]["rows"]] == [f"{path}:7", f"{path}:8"]
     assert rep["truncated_examples"]["count"] >= 2
     assert all(m.any() for m in data.train.loss_mask)
+    assert (
+        f"dropped 2 of 8 train examples with no supervised token left after truncation to "
+        f"max_length=96 (first: {path}:7); see data_report.json"
+    ) in capsys.readouterr().out
 
 
 def test_mixing_weights_are_respected(tok, tmp_path):

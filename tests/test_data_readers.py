@@ -128,6 +128,26 @@ def test_formats_read_the_same_rows(tmp_path):
     assert len(everything.rows) == 3 * 4 + 2
 
 
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    """Editors on Windows start files with a BOM: JSONL, JSON and the eval files read as without."""
+    from jaxsft.data.readers import read_jsonl
+
+    bom = b"\xef\xbb\xbf"
+    lines = "".join(json.dumps(r) + "\n" for r in (GOOD, GOOD)).encode()
+    (tmp_path / "a.jsonl").write_bytes(bom + lines)
+    (tmp_path / "b.json").write_bytes(bom + json.dumps([GOOD, GOOD]).encode())
+    (tmp_path / "c.json").write_bytes(bom + lines)  # JSONL named .json
+    for name in ("a.jsonl", "b.json", "c.json"):
+        assert [r.example for r in read_rows(str(tmp_path / name)).rows] == [
+            r.example for r in read_rows_of([GOOD, GOOD], tmp_path)
+        ], name
+    assert [row for _, row in read_jsonl(tmp_path / "a.jsonl")] == [GOOD, GOOD]
+    (tmp_path / "late.jsonl").write_bytes(lines + bom + lines)  # only a leading BOM is dropped
+    with pytest.raises(UserError, match="malformed JSON line") as e:
+        read_rows(str(tmp_path / "late.jsonl"))
+    assert e.value.where.endswith("late.jsonl:3")
+
+
 def test_saved_datasets_directory(tmp_path):
     import datasets
 

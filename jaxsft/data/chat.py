@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxsft.data.formats import InvalidExample, normalize
 from jaxsft.errors import UserError
+from jaxsft.tokenizer import no_chat_template
 
 __all__ = ["InvalidExample", "normalize", "render", "render_many"]
 
@@ -76,6 +77,13 @@ def template_mode(tokenizer) -> str:
     except ValueError:  # several named templates and no default: apply_chat_template fails too
         return "none"
     return "generation" if _GENERATION_TAG.search(template) else "search"
+
+
+def _no_template(tokenizer, where: str) -> UserError:
+    reason = "has no chat template"
+    if getattr(tokenizer, "chat_template", None):
+        reason = "has several named chat templates and none named 'default'"
+    return no_chat_template(tokenizer, where, reason)
 
 
 _INFO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -290,8 +298,8 @@ def render_many(
         try:
             norm = ex if normalized else normalize(ex)
             if norm["format"] == "chat":
-                if mode == "none":
-                    raise InvalidExample("the tokenizer has no chat template for a conversation")
+                if mode == "none":  # the tokenizer's fault, not the row's: never skipped
+                    raise _no_template(tokenizer, wheres[i] if wheres else f"example {i}")
                 if mode == "generation":
                     results[i] = _generation_render(tokenizer, norm, info, max_length)
                     continue

@@ -17,6 +17,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
+from jaxsft import run_dir as rd
 from jaxsft.errors import UserError
 
 MAX_LISTED = 20  # example locations listed per finding
@@ -149,6 +150,18 @@ def build_report(
     return report
 
 
+def no_target_line(name: str, s: SplitStats, max_length: int) -> str | None:
+    """The terminal line for the examples of a split dropped because truncation left them no
+    supervised token (None when there are none); data_report.json lists them all."""
+    if not s.no_target:
+        return None
+    return (
+        f"dropped {len(s.no_target)} of {len(s.lengths)} {name} examples with no supervised "
+        f"token left after truncation to max_length={max_length} (first: {s.no_target[0]}); "
+        "see data_report.json"
+    )
+
+
 def refuse_to_train(report: dict) -> None:
     """UserError when training would be wrong: nothing supervised, or an assistant turn whose
     end-of-turn token is not supervised, or a turn that kept no token (says which examples)."""
@@ -179,7 +192,7 @@ def refuse_to_train(report: dict) -> None:
 
 def write_report(run_dir: str, report: dict) -> str:
     """Write run_dir/data_report.json (atomically; creates run_dir) and return its path."""
-    path = os.path.join(run_dir, "data_report.json")
+    path = rd.path(run_dir, rd.DATA_REPORT)
     tmp = path + ".tmp"
     try:
         os.makedirs(run_dir, exist_ok=True)

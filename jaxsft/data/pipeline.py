@@ -91,9 +91,23 @@ def build_datasets(config, tokenizer, *, strict: bool = True) -> Datasets:
         packing_info(data, batch_size, int(config.train.seed)),
         tokenizer=tokenizer,
     )
+    _print_drops(train_stats, eval_stats, max_length)
     if strict:
         check.refuse_to_train(data.report)
     return data
+
+
+def _print_drops(train_stats, eval_stats, max_length: int) -> None:
+    """One terminal line per split that lost examples to truncation (process 0 only)."""
+    lines = [check.no_target_line("train", train_stats, max_length)]
+    if eval_stats is not None:
+        lines.append(check.no_target_line("eval", eval_stats, max_length))
+    lines = [line for line in lines if line]
+    if lines:
+        import jax  # imported here: building data needs no jax
+
+        if jax.process_index() == 0:
+            print("\n".join(lines), flush=True)
 
 
 def _load_split(spec, tokenizer, max_length: int, on_invalid: str):

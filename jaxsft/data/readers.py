@@ -198,13 +198,18 @@ def _jsonl_lines(path, lines, on_invalid, skipped) -> Iterator[tuple[Any, str]]:
 
 def parse_jsonl(lines: Iterable[bytes | str]) -> Iterator[tuple[int, Any, str | None]]:
     """(line number from 1, row, None) for every non-blank line of a JSONL stream, or (line
-    number, None, reason) for a line that is not UTF-8 or not JSON: the caller raises or skips."""
+    number, None, reason) for a line that is not UTF-8 or not JSON: the caller raises or skips.
+
+    A UTF-8 byte-order mark at the start of the stream (editors on Windows write one) is
+    dropped."""
     for lineno, line in enumerate(lines, start=1):
         try:
             line = line.decode("utf-8") if isinstance(line, bytes) else line
         except UnicodeDecodeError as e:
             yield lineno, None, f"line is not UTF-8 text ({e.reason})"
             continue
+        if lineno == 1:
+            line = line.removeprefix("\ufeff")
         if not line.strip():
             continue
         try:
@@ -237,7 +242,7 @@ def read_jsonl(path: str | os.PathLike, max_rows: int = 0) -> Iterator[tuple[int
 
 def _json_rows(path, on_invalid, skipped) -> Iterator[tuple[Any, str]]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: drops a byte-order mark
             text = f.read()
     except UnicodeDecodeError as e:
         raise UserError(f"not UTF-8 text: {e.reason}", where=path) from None
