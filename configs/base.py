@@ -60,7 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.learning_rate = 2e-5
     c.train.warmup_ratio = 0.03
     c.train.end_lr_ratio = 0.1
-    # AdamW: decoupled weight decay (not applied to norms, biases or embeddings), betas, eps.
+    # AdamW: decoupled weight decay (applied to every kernel and to the embedding table, not to
+    # norm scales or biases), betas, eps.
     c.train.weight_decay = 0.0
     c.train.b1 = 0.9
     c.train.b2 = 0.999
@@ -85,6 +86,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2
     # Evaluate held-out loss (and golden set) before the first step.
     c.train.eval_at_start = True
+    # Numerical guard: a step whose loss or gradients are not finite is skipped (parameters and
+    # optimizer state unchanged) and counted; after this many consecutive skipped steps, or this
+    # many consecutive logged losses above divergence_factor x their running median, the run
+    # stops (exit 3) without saving, keeping the last good checkpoint. divergence_factor 0
+    # disables the divergence check.
+    c.train.max_bad_steps = 3
+    c.train.divergence_factor = 3.0
+    # Resuming with a changed key that alters the training trajectory (data, batch, schedule,
+    # optimizer, LoRA, model, seed, max_length, packing) is refused unless this is True; every
+    # change is recorded in run_dir/config_history.jsonl with the step it took effect.
+    c.train.allow_config_change = False
 
     c.lora = group()
     # Rank 0 means full fine-tuning.

@@ -2,41 +2,150 @@
 grain iterator position, async, keep-N, restored into the current mesh's shardings.
 
 The frozen base of a LoRA run is not saved: it is the unchanged checkpoint at model.path.
+At resume each candidate is validated, newest first (orbax's commit markers, readable
+metadata, then the restore itself); a damaged one is reported in one line and moved to
+run_dir/checkpoints_set_aside/ (never deleted), and the previous complete one is used.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import shutil
+import sys
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 
-from jaxsft.errors import UserError
-from jaxsft.sharding import make_mesh
+from jaxsft import run_dir as rd
+
+ITEMS = ("state", "data")
 
 
 def checkpoint_dir(run_dir: str) -> str:
-    return os.path.join(os.path.abspath(run_dir), "checkpoints")
+    return os.path.join(os.path.abspath(run_dir), rd.CHECKPOINTS)
+
+
+def damage(step_dir: str, items=ITEMS) -> str | None:
+    """Why the checkpoint directory of one step cannot be trusted, or None when it looks
+    complete: orbax's commit markers and the metadata files must exist and parse."""
+    for rel in ("commit_success.txt", "_CHECKPOINT_METADATA"):
+        if not os.path.isfile(os.path.join(step_dir, rel)):
+            return f"{rel} is missing (an interrupted or damaged save)"
+    for item in items:
+        item_dir = os.path.join(step_dir, item)
+        if not os.path.isdir(item_dir) or not os.listdir(item_dir):
+            return f"{item}/ is missing or empty"
+        if not os.path.isfile(os.path.join(item_dir, "commit_success.txt")):
+            return f"{item}/commit_success.txt is missing"
+    metadata = [os.path.join(step_dir, "_CHECKPOINT_METADATA")]
+    if "state" in items:
+        metadata.append(os.path.join(step_dir, "state", "_METADATA"))
+    for path in metadata:
+        try:
+            with open(path) as f:
+                json.load(f)
+        except (OSError, ValueError) as e:
+            return f"{os.path.relpath(path, step_dir)} is unreadable ({type(e).__name__})"
+    return None
+
+
+def short_reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
 
 
 class Checkpointer:
     def __init__(self, run_dir: str, keep: int = 2, use_async: bool = True):
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=use_async
+            max_to_keep=keep, create=False, enable_async_checkpointing=use_async
         )
         self.manager = ocp.CheckpointManager(checkpoint_dir(run_dir), options=options)
+
+        self.run_dir = run_dir
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_iter=None, force: bool = False) -> bool:
+        """Start an (async) save of `step`; a failed write (this one or the previous async
+        one) raises WriteFailed (exit 4) and leaves the earlier checkpoints as they were."""
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             import grain
 
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        with self._writes():
+            self.check_space(step, state)
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def _writes(self):
+        return _WriteGuard(checkpoint_dir(self.run_dir))
+
+    def check_space(self, step: int, state) -> None:
+        """WriteFailed before writing anything when the disk cannot hold checkpoint `step`
+        (this host's shards of the state, +5%); agreed on all hosts."""
+        need = sum(
+            s.data.nbytes
+            for x in jax.tree.leaves(state)
+            for s in x.addressable_shards
+            if s.replica_id == 0
+        )
+        path = checkpoint_dir(self.run_dir)
+        try:
+            free = shutil.disk_usage(path if os.path.isdir(path) else self.run_dir).free
+        except OSError:  # not a local file system (a bucket): orbax reports failures itself
+            free = None
+        if os.environ.get("JAXSFT_SKIP_SPACE_CHECK") == "1":  # tests of orbax's own failure
+            free = None
+        short = free is not None and free < need * 1.05 + 2**20
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            short = bool(multihost_utils.process_allgather(np.int32(short)).any())
+        if short:
+            mib = 2**20
+            where = f"{free / mib:.1f} MiB free" if free is not None else "another host"
+            raise rd.write_failed(
+                OSError(
+                    errno.ENOSPC,
+                    f"checkpoint {step} needs about {need / mib:.1f} MiB and the disk has {where}",
+                ),
+                path,
+            )
+
+    def restore_newest_valid(self, target_state, data_iter=None, set_aside: bool = True):
+        """(step, state) of the newest checkpoint that validates and restores, or (None, None).
+        Damaged ones are reported and, with set_aside, moved out of checkpoints/."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            step_dir = os.path.join(checkpoint_dir(self.run_dir), str(step))
+            why = damage(step_dir)
+            if why is None:
+                try:
+                    return step, self.restore(step, target_state, data_iter)
+                except Exception as e:  # noqa: BLE001 - any failure means "not usable"
+                    why = f"restore failed ({short_reason(e)})"
+            moved = self.set_aside(step) if set_aside else None
+            where = f"; moved to {moved}" if moved else ""
+            print(f"warning: checkpoint {step} is damaged: {why}{where}", file=sys.stderr)
+        return None, None
+
+    def set_aside(self, step: int) -> str | None:
+        """Move a damaged checkpoint to run_dir/checkpoints_set_aside/STEP-TIME (process 0)."""
+        moved = None
+        if jax.process_index() == 0:
+            dest = rd.path(self.run_dir, rd.SET_ASIDE)
+            os.makedirs(dest, exist_ok=True)
+            moved = os.path.join(dest, f"{step}-{rd.now().replace(':', '')}")
+            shutil.move(os.path.join(checkpoint_dir(self.run_dir), str(step)), moved)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"jaxsft_set_aside_{step}")
+        self.manager.reload()
+        return moved
 
     def restore(self, step: int, target_state, data_iter=None):
         """Restore into the shardings of `target_state` (concrete or ShapeDtypeStruct tree);
@@ -50,11 +159,34 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
     def wait(self):
-        self.manager.wait_until_finished()
+        with self._writes():
+            self.manager.wait_until_finished()
 
     def close(self):
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+
+class _WriteGuard:
+    """OSError (and orbax's wrapped I/O errors) while saving -> WriteFailed naming the step."""
+
+    def __init__(self, where):
+        self.where = where
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if e is None or not isinstance(e, Exception) or isinstance(e, rd.WriteFailed):
+            return False
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None and "No space left" not in str(e):
+            return False
+        if cause is None:
+            cause = OSError(errno.ENOSPC, "No space left on device")
+        raise rd.write_failed(cause, self.where) from None
 
 
 def _abstract(x):
@@ -62,43 +194,12 @@ def _abstract(x):
 
 
 def existing_steps(run_dir: str) -> list[int]:
-    """Complete checkpoint steps in run_dir (no orbax manager, no side effects)."""
+    """Finalized checkpoint steps in run_dir (no orbax manager, no side effects); they may
+    still be damaged (see `damage`)."""
     path = checkpoint_dir(run_dir)
     if not os.path.isdir(path):
         return []
     return sorted(ocp.utils.checkpoint_steps(path))
-
-
-def restore_model(run_dir: str, step: int | None = None):
-    """(model, model_cfg, lora_cfg, config) from a run directory's checkpoint `step` (newest
-    when None). Raises UserError when the run or the step does not exist."""
-    from jaxsft import config as config_lib
-    from jaxsft.train import setup
-
-    cfg_path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise UserError("not a jaxsft run directory (no config.json)", where=run_dir)
-    steps = existing_steps(run_dir)
-    if not steps:
-        raise UserError(
-            "the run has no complete checkpoint",
-            where=checkpoint_dir(run_dir),
-            hint="train first, or pass the run_dir of a run that saved one",
-        )
-    if step is None:
-        step = steps[-1]
-    if step not in steps:
-        raise UserError(
-            f"no checkpoint for step {step} (have {steps})", where=checkpoint_dir(run_dir)
-        )
-    config = config_lib.from_json(cfg_path)
-    # Onto whatever devices this process has (the run may have used another mesh); only the
-    # trainable parameters are read, not the optimizer state.
-    model, model_cfg = setup.load_model(config, make_mesh(1, -1, 1))
-    lora = setup.lora_config(config)
-    graphdef, params, frozen = setup.split_trainable(model, lora)
-    params = restore_params(os.path.join(checkpoint_dir(run_dir), str(step), "state"), params)
-    return nnx.merge(graphdef, params, frozen), model_cfg, lora, config
 
 
 def restore_params(state_dir: str, params):

@@ -36,6 +36,7 @@ POSITIVE = (
     "train.grad_accum",
     "train.learning_rate",
     "train.loss_chunk",
+    "train.max_bad_steps",
 )
 NON_NEGATIVE = (
     "train.max_steps",
@@ -50,6 +51,7 @@ NON_NEGATIVE = (
     "train.kl_to_base",
     "train.stop_after",
     "train.peak_tflops",
+    "train.divergence_factor",
     "lora.rank",
     "eval.max_rows",
 )
@@ -172,6 +174,7 @@ def _parse_value(key, raw: str, default):
 
 def validate(cfg, where=None):
     """Range and choice checks on the values (types are checked by ml_collections)."""
+    _check_complete(cfg, base_config.get_config(), where)
 
     def get(key):
         node = cfg
@@ -188,6 +191,7 @@ def validate(cfg, where=None):
     for key in NON_NEGATIVE:
         if get(key) < 0:
             raise UserError(f"{key} must be >= 0, got {get(key)!r}", where=where)
+    _check_schedule(cfg.train, where)
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise UserError("train.batch_size must be a multiple of train.grad_accum", where=where)
     if not cfg.model.path:
@@ -196,6 +200,58 @@ def validate(cfg, where=None):
         )
     if not cfg.data.train:
         raise UserError("data.train is not set", where=where)
+    _check_data_specs(cfg.data, where)
+    _check_lora(cfg, where)
+    if os.path.exists(cfg.run_dir) and not os.path.isdir(cfg.run_dir):
+        raise UserError(
+            f"run_dir {cfg.run_dir!r} is an existing file, not a directory",
+            where=where,
+            hint="set run_dir to a new or an existing run directory",
+        )
+
+
+def _check_complete(cfg, base, where, prefix=""):
+    """Every key of configs/base.py is present (a config built from scratch may lack some)."""
+    for key in base.keys():
+        if key not in cfg:
+            raise UserError(
+                f"config key {prefix + key!r} is missing",
+                where=where,
+                hint="start get_config() from jaxsft.configs.base: c = base.get_config()",
+            )
+        if isinstance(base[key], ml_collections.ConfigDict):
+            _check_complete(cfg[key], base[key], where, prefix + key + ".")
+
+
+def _check_schedule(train, where):
+    """Shares of the run and ratios that only make sense in a range."""
+    checks = (
+        ("train.warmup_ratio", 0 <= train.warmup_ratio < 1, "in [0, 1) (a share of the steps)"),
+        ("train.end_lr_ratio", 0 <= train.end_lr_ratio <= 1, "in [0, 1] (a share of the peak)"),
+        (
+            "train.divergence_factor",
+            train.divergence_factor == 0 or train.divergence_factor > 1,
+            "0 (off) or > 1 (a multiple of the running median loss)",
+        ),
+    )
+    for key, ok, expected in checks:
+        if not ok:
+            value = train[key.split(".")[1]]
+            raise UserError(f"{key} must be {expected}, got {value!r}", where=where)
+
+
+def _check_data_specs(data, where):
+    """data.train / data.eval mixture lists are well formed (each entry a path and a weight)."""
+    from jaxsft.data.readers import parse_sources
+
+    for key in ("train", "eval"):
+        try:
+            parse_sources(data[key])
+        except UserError as e:
+            raise UserError(f"data.{key}: {e.message}", where=where, hint=e.hint) from None
+
+
+def _check_lora(cfg, where):
     from jaxsft.models.lora import ALL_TARGETS
 
     bad = [t for t in cfg.lora.targets if t not in ALL_TARGETS]
@@ -205,12 +261,35 @@ def validate(cfg, where=None):
             where=where,
             hint=f"choose among {', '.join(ALL_TARGETS)}",
         )
-    if cfg.export.format in ("peft", "both") and cfg.lora.rank == 0:
+    if cfg.lora.rank > 0 and not cfg.lora.targets:
+        raise UserError(
+            f"lora.rank={cfg.lora.rank} with lora.targets=() would train no parameter",
+            where=where,
+            hint=f"name the modules to adapt in lora.targets ({', '.join(ALL_TARGETS)}), "
+            "or set lora.rank=0 for full fine-tuning",
+        )
+    if cfg.export.format in ("peft", "both") and lora_config(cfg) is None:
         raise UserError(
             f"export.format={cfg.export.format} needs a LoRA run (lora.rank > 0)",
             where=where,
             hint="use export.format=merged for full fine-tuning",
         )
+
+
+def lora_config(cfg):
+    """The LoraConfig of a run config (a ConfigDict or the dict of a saved config.json), or
+    None for full fine-tuning (lora.rank 0). The one place that decides "is this a LoRA run"."""
+    from jaxsft.models.lora import LoraConfig
+
+    lora = cfg["lora"]
+    if int(lora["rank"] or 0) <= 0:
+        return None
+    return LoraConfig(
+        rank=int(lora["rank"]),
+        alpha=float(lora["alpha"]),
+        targets=tuple(lora["targets"]),
+        rslora=bool(lora.get("rslora", False)),
+    )
 
 
 def to_json(cfg) -> str:

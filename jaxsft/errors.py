@@ -1,17 +1,30 @@
-"""User-facing errors: exit code 2, one message naming the file (and line), no traceback.
+"""User-facing errors and exit codes: one message naming the file (and line), no traceback.
 
-Any code path that detects bad user input raises `UserError`; the command-line entry points
-wrap their main in `run_cli`, which prints the message and exits 2 (a traceback only with
-JAXSFT_DEBUG=1).
+Any code path that detects bad user input raises `UserError` (exit 2); a run stopped by its
+numerical guard raises `TrainingStopped` (exit 3); a failed write of the run's files (a full
+disk, a read-only directory) raises `WriteFailed` (exit 4). The command-line entry points wrap
+their main in `run_cli`, which prints the message and exits with the error's code (a traceback
+only with JAXSFT_DEBUG=1). docs/reliability.md lists every exit code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Callable
+
+# Exit codes of `python -m jaxsft.main` (docs/reliability.md).
+EXIT_OK = 0  # finished, or stopped by train.stop_after (checkpoint saved)
+EXIT_USER_ERROR = 2  # bad input, refused before anything was written
+EXIT_TRAINING_STOPPED = 3  # non-finite or diverging training; the last good checkpoint is kept
+EXIT_WRITE_FAILED = 4  # a checkpoint or run file could not be written (disk full, permissions)
+EXIT_SIGNAL = 75  # stopped by SIGTERM / SIGINT after saving a checkpoint: rerun to resume
+EXIT_ABORTED = 130  # a second Ctrl-C: aborted at once, without saving
 
 
 class UserError(Exception):
@@ -19,6 +32,8 @@ class UserError(Exception):
 
     `where` is "path" or "path:line"; `hint` says what to do about it.
     """
+
+    exit_code = EXIT_USER_ERROR
 
     def __init__(self, message: str, where: str | os.PathLike | None = None, hint: str = ""):
         self.message = message
@@ -33,8 +48,20 @@ class UserError(Exception):
         return text
 
 
+class TrainingStopped(UserError):
+    """The numerical guard stopped the run (non-finite steps or a diverging loss)."""
+
+    exit_code = EXIT_TRAINING_STOPPED
+
+
+class WriteFailed(UserError):
+    """A file of the run could not be written (disk full, permissions, ...)."""
+
+    exit_code = EXIT_WRITE_FAILED
+
+
 def run_cli(main: Callable[..., int | None]) -> Callable[..., int | None]:
-    """Wrap a CLI main: UserError -> message on stderr and exit code 2."""
+    """Wrap a CLI main: UserError (and its kinds) -> message on stderr and its exit code."""
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
@@ -44,6 +71,58 @@ def run_cli(main: Callable[..., int | None]) -> Callable[..., int | None]:
             if os.environ.get("JAXSFT_DEBUG") == "1":
                 traceback.print_exc()
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(e.exit_code)
 
     return wrapped
+
+
+@contextlib.contextmanager
+def background_errors_to(log_path: str):
+    """Route what background threads print about their own failures (orbax's async save
+    threads, tensorstore callbacks: absl/asyncio error logs, unraisable and thread exceptions)
+    into `log_path` instead of the terminal. The failure itself reaches the user as one
+    message when the main thread next waits on the save (WriteFailed, exit 4). Nothing is
+    rerouted with JAXSFT_DEBUG=1."""
+    if os.environ.get("JAXSFT_DEBUG") == "1":
+        yield
+        return
+    handler = logging.FileHandler(log_path, delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    saved = [(lg, lg.propagate) for lg in loggers]
+    hooks = sys.unraisablehook, threading.excepthook
+
+    def unraisable(u):
+        handler.emit(
+            logging.makeLogRecord(
+                {
+                    "msg": f"{u.err_msg or 'unraisable'}: {u.exc_value!r}",
+                    "name": "unraisable",
+                    "levelname": "ERROR",
+                }
+            )
+        )
+
+    def thread_exception(a):
+        handler.emit(
+            logging.makeLogRecord(
+                {
+                    "msg": f"thread {a.thread}: {a.exc_value!r}",
+                    "name": "thread",
+                    "levelname": "ERROR",
+                }
+            )
+        )
+
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.propagate = False
+    sys.unraisablehook, threading.excepthook = unraisable, thread_exception
+    try:
+        yield
+    finally:
+        sys.unraisablehook, threading.excepthook = hooks
+        for lg, propagate in saved:
+            lg.removeHandler(handler)
+            lg.propagate = propagate
+        handler.close()

@@ -1,4 +1,9 @@
-"""python -m jaxsft.main --config configs/RUN.py [--config.KEY=VALUE ...]"""
+"""python -m jaxsft.main --config configs/RUN.py [--config.KEY=VALUE ...]
+
+Exit codes: 0 finished (or stopped by train.stop_after), 2 bad input (nothing written),
+3 stopped by the numerical guard, 4 a run file or checkpoint could not be written, 75 stopped
+by SIGTERM/SIGINT after saving (rerun to resume), 130 aborted by a second Ctrl-C.
+"""
 
 from __future__ import annotations
 
@@ -21,8 +26,10 @@ def main(argv=None) -> int:
     distributed.maybe_initialize()
     from jaxsft.train.loop import run
 
-    run(config)
-    return 0
+    summary = run(config)
+    from jaxsft.errors import EXIT_OK, EXIT_SIGNAL
+
+    return EXIT_SIGNAL if summary.get("stopped") == "signal" else EXIT_OK
 
 
 if __name__ == "__main__":

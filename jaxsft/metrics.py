@@ -11,6 +11,8 @@ import time
 import jax
 import numpy as np
 
+from jaxsft import run_dir as rd
+
 # Dense bf16 peak FLOP/s per device, for MFU. CPU: the measured bf16-input, fp32-accumulate
 # 2048^3 matmul peak of the 2-core project machines (NOTES.md); override with train.peak_tflops.
 PEAK_FLOPS = {
@@ -62,7 +64,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: str, total_steps: int, start_step: int = 0, enabled=True):
         self.enabled = enabled
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.path = rd.path(run_dir, rd.METRICS)
         self.total = total_steps
         self.start_time = time.time()
         self.start_step = start_step
@@ -70,7 +72,7 @@ class MetricsLogger:
         if not enabled:
             return
         _truncate_after(self.path, start_step)
-        self.tb = _summary_writer(os.path.join(run_dir, "tensorboard"))
+        self.tb = _summary_writer(rd.path(run_dir, rd.TENSORBOARD))
         from tqdm import tqdm
 
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
@@ -86,7 +88,7 @@ class MetricsLogger:
                     self.tb.add_scalar(k, v, step)
         if "loss" in row:
             self.bar.set_postfix(
-                loss=f"{row['loss']:.4f}",
+                loss=f"{row['loss']:.4f}" if row["loss"] is not None else "nan",
                 lr=f"{row['learning_rate']:.2e}",
                 tok_s=f"{row.get('tokens_per_sec', 0):.0f}",
                 refresh=False,
@@ -107,7 +109,7 @@ class MetricsLogger:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
-        plot_loss(self.path, os.path.join(os.path.dirname(self.path), "loss.png"))
+        plot_loss(self.path, rd.path(os.path.dirname(self.path), rd.LOSS_PNG))
 
 
 def _summary_writer(logdir: str):
@@ -131,39 +133,60 @@ def _summary_writer(logdir: str):
 
 
 def append_row(run_dir: str, row: dict):
-    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps({k: _num(v) for k, v in row.items()}) + "\n")
+    rd.append_line(rd.path(run_dir, rd.METRICS), {k: _num(v) for k, v in row.items()})
 
 
 def _num(v):
+    """A JSON-able scalar; NaN and infinities become null (metrics.jsonl stays strict JSON)."""
     v = np.asarray(v).item() if hasattr(v, "shape") or isinstance(v, np.generic) else v
-    return round(v, 6) if isinstance(v, float) else v
+    if isinstance(v, float):
+        return round(v, 6) if math.isfinite(v) else None
+    return v
 
 
 def _truncate_after(path: str, step: int):
-    """On resume, drop rows logged after the checkpoint we resume from (they are redone)."""
+    """On resume, drop rows logged after the checkpoint we resume from (they are redone); the
+    file is replaced in one rename."""
+    kept = [row for row in read_rows(path) if row.get("step", 0) <= step]
+    if os.path.exists(path):
+        rd.atomic_write(path, "".join(json.dumps(row) + "\n" for row in kept))
+
+
+def read_rows(path: str) -> list[dict]:
+    """The rows of a metrics.jsonl; a torn last line (a process killed mid-write) is left out."""
     if not os.path.exists(path):
-        return
+        return []
+    out = []
     with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(path, "w") as f:
-        f.writelines(rows)
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                out.append(row)
+    return out
+
+
+def logged_losses(run_dir: str) -> list[float]:
+    """The training losses metrics.jsonl holds, in order (the guard's running median)."""
+    rows = read_rows(rd.path(run_dir, rd.METRICS))
+    return [float(r["loss"]) for r in rows if isinstance(r.get("loss"), (int, float))]
 
 
 def plot_loss(metrics_path: str, out_png: str):
     """Train (and eval) loss against step."""
     if not os.path.exists(metrics_path):
         return
+    rows = read_rows(metrics_path)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(metrics_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, style in (("loss", "-"), ("eval_loss", "o-")):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
         if pts:
             ax.plot(*zip(*pts, strict=True), style, label=key)
     ax.set_xlabel("step")

@@ -194,7 +194,7 @@ def test_kl_to_base_term(demo_assets, tmp_path):
 def test_resume_equals_uninterrupted(demo_assets, tmp_path):
     """Stop after 3 steps, rerun the same command: same per-step losses and final params as
     one uninterrupted 6-step run (data iterator position, optimizer and step restored)."""
-    from jaxsft.checkpoint import restore_model
+    from jaxsft.train.setup import restore_model
 
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     run_main(demo_assets, full, ["--config.train.max_steps=6"])
@@ -224,7 +224,7 @@ def test_resume_equals_uninterrupted(demo_assets, tmp_path):
 
 def test_sharded_8_devices_equals_single(demo_assets, tmp_path):
     """fsdp=4 x tensor=2 on 8 fake devices: same losses and parameters as one device."""
-    from jaxsft.checkpoint import restore_model
+    from jaxsft.train.setup import restore_model
 
     one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
     steps = ["--config.train.max_steps=3"]

@@ -37,10 +37,9 @@ def subprocess_env(assets: str, devices: int = 1, **extra) -> dict:
     return env
 
 
-def run_main(
-    assets: str, run_dir: str, overrides=(), devices: int = 1, check=True, env=None, timeout=600
-):
-    args = [
+def main_argv(run_dir: str, overrides=()) -> list[str]:
+    """The command line of `python -m jaxsft.main` on the demo config with the FAST overrides."""
+    return [
         sys.executable,
         "-m",
         "jaxsft.main",
@@ -50,8 +49,13 @@ def run_main(
         *FAST,
         *overrides,
     ]
+
+
+def run_main(
+    assets: str, run_dir: str, overrides=(), devices: int = 1, check=True, env=None, timeout=600
+):
     proc = subprocess.run(
-        args,
+        main_argv(run_dir, overrides),
         env=env or subprocess_env(assets, devices),
         capture_output=True,
         text=True,

@@ -1,69 +1,115 @@
-"""The run: named setup steps, then a short loop (step, log, eval, checkpoint, stop)."""
+"""The run: lock the run_dir, the named start steps (train/start.py: every check before the
+first write), then a short loop (step, guard, log, eval, checkpoint, stop) and the finish."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import signal
 import time
 
 import jax
-import numpy as np
 
 from jaxsft import config as config_lib
 from jaxsft import metrics as metrics_lib
-from jaxsft.checkpoint import Checkpointer
-from jaxsft.data import check, pipeline
-from jaxsft.errors import UserError
-from jaxsft.tokenizer import load_tokenizer
-from jaxsft.train import setup as setup_lib
+from jaxsft import run_dir as rd
+from jaxsft.data import check
+from jaxsft.errors import TrainingStopped, UserError, background_errors_to
+from jaxsft.train.guard import NumericalGuard, StopRequest
+from jaxsft.train.start import Start, prepare
 
 
 def run(config) -> dict:
-    """Train per `config` (resuming from run_dir when it holds a checkpoint); returns a summary."""
+    """Train per `config` (resuming from run_dir when it holds a checkpoint); returns a summary
+    ({"step", "stopped": "signal" | "stop_after"} for a run stopped before its end)."""
+    stop = StopRequest()
+    lock = acquire_lock(config.run_dir)
+    try:
+        try:
+            start = prepare(config)
+        except BaseException:
+            lock.discard()
+            raise
+        write_run_files(config, start)
+        with background_errors_to(rd.path(config.run_dir, rd.BACKGROUND_ERRORS)):
+            return train(config, start, stop)
+    finally:
+        lock.release()
+        stop.close()
+
+
+def acquire_lock(run_dir) -> rd.RunLock:
+    """Process 0 locks run_dir; every process learns whether it did (all exit 2 if not)."""
+    lock = rd.RunLock(run_dir)
+    error = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every process
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        failed = multihost_utils.broadcast_one_to_all(error is not None)
+        if failed and error is None:
+            raise UserError("process 0 could not lock run_dir", where=run_dir)
+    if error is not None:
+        raise error
+    return lock
+
+
+def write_run_files(config, start: Start):
+    """config.json, data_report.json and the config history (process 0, each atomically)."""
+    if jax.process_index() != 0:
+        return
+    rd.atomic_write(rd.path(config.run_dir, rd.CONFIG), config_lib.to_json(config))
+    if start.changes:
+        row = {"step": start.step, "time": rd.now(), "changes": start.changes}
+        rd.append_line(rd.path(config.run_dir, rd.CONFIG_HISTORY), json.loads(json.dumps(row)))
+    check.write_report(config.run_dir, start.data.report)
+
+
+def train(config, s: Start, stop: StopRequest) -> dict:
     is_main = jax.process_index() == 0
-    check_run_dir(config)
-    tokenizer = load_tokenizer(config.model.path)
-    data = pipeline.build_datasets(config, tokenizer)
-    evals = Evals(config, data, tokenizer)
-    total = total_steps(config, data)
-    trainer = setup_lib.compile_steps(
-        setup_lib.build_model_state(config, total_steps=total), config
-    )
-    if is_main:
-        write_run_files(config, data.report)
-    data_iter = pipeline.train_iterator(data, config)
-    ckpt = Checkpointer(config.run_dir, keep=config.train.keep_checkpoints)
-    start = restore(ckpt, trainer, data_iter)
-    if start >= total:
+    trainer, ckpt = s.trainer, s.ckpt
+    if s.step >= s.total:
         ckpt.close()
-        return finish(config, trainer, evals, start, resumed_finished=True)
-    log = metrics_lib.MetricsLogger(config.run_dir, total, start, enabled=is_main)
-    stop = PreemptionFlag()
-    end = min(total, start + config.train.stop_after) if config.train.stop_after else total
-    with jax.set_mesh(trainer.mesh):
-        if start == 0 and config.train.eval_at_start:
-            log.log(0, evals(trainer))
-        step = train_loop(config, trainer, evals, data_iter, ckpt, log, start, end, stop)
-    if ckpt.latest_step() != step:
-        ckpt.save(step, trainer.state, data_iter, force=True)
-    ckpt.close()
-    log.close()
-    if step < total:
-        why = "SIGTERM" if stop.requested else "train.stop_after"
-        print(f"stopped by {why} at step {step}; checkpoint saved, rerun to resume")
-        return {"step": step, "stopped": True}
-    return finish(config, trainer, evals, step)
-
-
-def train_loop(config, trainer, evals, data_iter, ckpt, log, start, end, stop) -> int:
-    """Steps start+1 .. end; returns the last completed step."""
+        return finish(config, trainer, s.evals, s.step, resumed_finished=True)
+    log = metrics_lib.MetricsLogger(config.run_dir, s.total, s.step, enabled=is_main)
     tc = config.train
+    guard = NumericalGuard(
+        tc.max_bad_steps, tc.divergence_factor, metrics_lib.logged_losses(config.run_dir)
+    )
+    end = min(s.total, s.step + tc.stop_after) if tc.stop_after else s.total
+    try:
+        with jax.set_mesh(trainer.mesh):
+            if s.step == 0 and tc.eval_at_start:
+                log.log(0, s.evals(trainer))
+            try:
+                step = train_loop(config, s, log, guard, end, stop)
+            except TrainingStopped:
+                ckpt.close()  # finishes an async save of good parameters, saves nothing new
+                raise
+        if ckpt.latest_step() != step:
+            ckpt.save(step, trainer.state, s.data_iter, force=True)
+        ckpt.close()
+    finally:
+        log.close()  # also ends the progress bar line before an error message
+    if step < s.total:
+        why = "signal" if stop.signal_name else "stop_after"
+        what = stop.signal_name or "train.stop_after"
+        print(f"stopped by {what} at step {step}; checkpoint saved, rerun to resume")
+        return {"step": step, "stopped": why}
+    return finish(config, trainer, s.evals, step)
+
+
+def train_loop(config, s: Start, log, guard, end, stop) -> int:
+    """Steps s.step+1 .. end; returns the last completed step."""
+    tc, trainer, ckpt, data_iter = config.train, s.trainer, s.ckpt, s.data_iter
     peak = metrics_lib.peak_flops(tc.get("peak_tflops", 0.0))
-    window = Window()
-    step = start
-    while step < end and not stop.requested:
+    window = Window(guard)
+    step = s.step
+    while step < end and not stop.requested():
         local = next(data_iter)
         batch = {
             k: jax.make_array_from_process_local_data(trainer.batch_sharding, v)
@@ -73,28 +119,53 @@ def train_loop(config, trainer, evals, data_iter, ckpt, log, start, end, stop) -
             trainer.state, trainer.frozen, trainer.ref, batch
         )
         step += 1
-        window.add(metrics, metrics_lib.step_flops(trainer.model_cfg, local["segment_ids"]))
+        flops = metrics_lib.step_flops(trainer.model_cfg, local["segment_ids"])
+        window.add(step, metrics, flops, data_iter.get_state())
         if step % max(tc.log_every, 1) == 0 or step == end:
-            log.log(step, window.flush(peak))
+            row = window.flush(peak)
+            log.log(step, row)
+            guard.logged(step, row["loss"])
         if tc.eval_every and step % tc.eval_every == 0 and step < log.total:
             with window.excluded(trainer.state):
-                log.log(step, evals(trainer))
+                log.log(step, s.evals(trainer))
         if tc.save_every and step % tc.save_every == 0:
             with window.excluded(trainer.state):
-                ckpt.save(step, trainer.state, data_iter)
+                if guard.high_run:
+                    log.message(f"step {step}: not saved, the loss is above its running median")
+                else:
+                    ckpt.save(step, trainer.state, data_iter)
         log.advance(step)
+    window.check_all()
     return step
+
+
+GUARD_KEYS = ("skipped", "loss", "grad_norm")
 
 
 class Window:
     """Metrics of the steps since the last log line, for throughput and MFU."""
 
-    def __init__(self):
+    def __init__(self, guard: NumericalGuard):
+        self.guard = guard
         self.t0 = time.perf_counter()
-        self.items = []
+        self.items = []  # (step, device metrics, flops)
+        self.checked = 0  # items the guard has seen
+        self.position = None
 
-    def add(self, metrics, flops):
-        self.items.append((metrics, flops))
+    def add(self, step, metrics, flops, position):
+        """A dispatched step. The guard sees each step one step late (its metrics are ready by
+        then), so checking never stalls the dispatch of the next step."""
+        self.items.append((step, metrics, flops))
+        self.position = position
+        self.check(upto=len(self.items) - 1)
+
+    def check(self, upto: int):
+        for step, metrics, _ in self.items[self.checked : upto]:
+            self.guard.step(step, jax.device_get({k: metrics[k] for k in GUARD_KEYS}))
+        self.checked = max(self.checked, upto)
+
+    def check_all(self):
+        self.check(upto=len(self.items))
 
     @contextlib.contextmanager
     def excluded(self, state):
@@ -106,13 +177,14 @@ class Window:
         self.t0 += time.perf_counter() - t
 
     def flush(self, peak_flops) -> dict:
-        fetched = jax.device_get([m for m, _ in self.items])  # waits for the steps
+        self.check_all()
+        fetched = jax.device_get([m for _, m, _ in self.items])  # waits for the steps
         dt = time.perf_counter() - self.t0
         n = len(fetched)
         last = {k: float(v) for k, v in fetched[-1].items()}
         tokens = sum(float(m["tokens"]) for m in fetched)
         sup = sum(float(m["supervised_tokens"]) for m in fetched)
-        flops = sum(f for _, f in self.items)
+        flops = sum(f for _, _, f in self.items)
         row = {
             "loss": last["loss"],
             "learning_rate": last["learning_rate"],
@@ -125,117 +197,18 @@ class Window:
         }
         if last["kl_to_base"]:
             row["kl_to_base"] = last["kl_to_base"]
-        self.t0, self.items = time.perf_counter(), []
+        row["skipped_steps"] = self.guard.skipped_total
+        if self.position is not None:  # the last batch consumed: global batch i of epoch e
+            row["data_epoch"] = int(self.position["epoch"])
+            row["data_batch"] = int(self.position["step"]) - 1
+        self.t0, self.items, self.checked = time.perf_counter(), [], 0
         return row
-
-
-class Evals:
-    """What is evaluated on eval steps: held-out loss (data.eval), the golden set (eval.golden,
-    greedy generation) and the multiple-choice regression file (eval.mc). Files are read and
-    validated at start, before anything is written."""
-
-    def __init__(self, config, data, tokenizer):
-        from jaxsft.golden import load_golden
-        from jaxsft.mc import load_mc
-
-        self.config, self.data, self.tokenizer = config, data, tokenizer
-        e = config.eval
-        self.golden = load_golden(e.golden, max_rows=e.max_rows) if e.golden else None
-        self.mc = load_mc(e.mc, max_rows=e.max_rows) if e.mc else None
-        # Generation runs host-local; multi-host runs log the held-out loss only.
-        if jax.process_count() > 1:
-            self.golden = self.mc = None
-
-    def __call__(self, trainer, details: dict | None = None) -> dict:
-        out = held_out_loss(trainer, self.data, self.config)
-        if self.golden or self.mc:
-            from jaxsft.golden import golden_eval
-            from jaxsft.mc import mc_eval
-
-            model = trainer.model()
-            if self.golden:
-                g = golden_eval(model, self.tokenizer, self.golden, self.config.eval.max_new_tokens)
-                out["golden_score"] = g["score"]
-                if details is not None:
-                    details["golden"] = g
-            if self.mc:
-                m = mc_eval(model, self.tokenizer, self.mc)
-                out["mc_accuracy"] = m["accuracy"]
-                if details is not None:
-                    details["mc"] = {k: v for k, v in m.items() if k != "rows"}
-        return out
-
-
-def held_out_loss(trainer, data, config) -> dict:
-    """Held-out loss over data.eval (empty dict when there is no eval set)."""
-    if data.eval is None:
-        return {}
-    totals = {}
-    for local in pipeline.eval_iterator(data, config):
-        batch = {
-            k: jax.make_array_from_process_local_data(trainer.batch_sharding, v)
-            for k, v in local.items()
-        }
-        sums = jax.device_get(
-            trainer.eval_step(trainer.state["params"], trainer.frozen, trainer.ref, batch)
-        )
-        for k, v in sums.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-    count = max(totals.get("count", 0.0), 1.0)
-    return {
-        "eval_loss": totals["loss_sum"] / count,
-        "eval_token_accuracy": totals["correct"] / count,
-    }
-
-
-def total_steps(config, data) -> int:
-    if config.train.max_steps:
-        return int(config.train.max_steps)
-    per_epoch = pipeline.steps_per_epoch(data, config)
-    return max(1, int(np.ceil(per_epoch * config.train.num_epochs)))
-
-
-def restore(ckpt, trainer, data_iter) -> int:
-    step = ckpt.latest_step()
-    if step is None:
-        return 0
-    trainer.state = ckpt.restore(step, trainer.state, data_iter)
-    print(f"resumed from {ckpt.manager.directory} at step {step}")
-    return int(step)
-
-
-def check_run_dir(config):
-    """Refuse to resume a run_dir that holds a different model's checkpoints."""
-    path = os.path.join(config.run_dir, "config.json")
-    if not os.path.exists(path):
-        return
-    old = config_lib.from_json(path)
-    for key in ("model.path", "lora.rank"):
-        a, b = old, config
-        for part in key.split("."):
-            a, b = a[part], b[part]
-        if a != b:
-            raise UserError(
-                f"run_dir holds a run with {key}={a!r}, this config has {b!r}",
-                where=path,
-                hint="use a new run_dir, or the same settings to resume",
-            )
-
-
-def write_run_files(config, report: dict):
-    try:
-        os.makedirs(config.run_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create run_dir: {e.strerror}", where=config.run_dir) from None
-    with open(os.path.join(config.run_dir, "config.json"), "w") as f:
-        f.write(config_lib.to_json(config))
-    check.write_report(config.run_dir, report)
 
 
 def finish(config, trainer, evals, step, resumed_finished=False) -> dict:
     """Final evals (logged at the last step), export per export.format, and a before/after
     summary; an already finished run only reports."""
-    summary_path = os.path.join(config.run_dir, "summary.json")
+    summary_path = rd.path(config.run_dir, rd.SUMMARY)
     if resumed_finished and os.path.exists(summary_path):
         with open(summary_path) as f:
             summary = json.load(f)
@@ -249,31 +222,25 @@ def finish(config, trainer, evals, step, resumed_finished=False) -> dict:
     if jax.process_index() == 0:
         metrics_lib.append_row(config.run_dir, {"step": step, **after})
         metrics_lib.plot_loss(
-            os.path.join(config.run_dir, "metrics.jsonl"), os.path.join(config.run_dir, "loss.png")
+            rd.path(config.run_dir, rd.METRICS), rd.path(config.run_dir, rd.LOSS_PNG)
         )
     from jaxsft.train import hooks
 
-    summary["exported"] = hooks.after_training(config, trainer)
+    summary["exported"] = hooks.after_training(config, trainer, step=step)
     if jax.process_index() == 0:
-        with open(summary_path, "w") as f:
-            json.dump(summary, f, indent=2)
+        rd.write_json(summary_path, summary)
         if "golden" in details:
-            with open(os.path.join(config.run_dir, "golden_after.json"), "w") as f:
-                json.dump(details["golden"], f, indent=2)
+            rd.write_json(rd.path(config.run_dir, rd.GOLDEN_AFTER), details["golden"])
         print(format_summary(summary))
     return summary
 
 
 def logged_at(run_dir: str, step: int) -> dict:
     """The eval metrics metrics.jsonl holds for `step` (e.g. the before-training evals)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
     out = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                row = json.loads(line)
-                if row.get("step") == step and "loss" not in row:
-                    out.update({k: v for k, v in row.items() if k != "step"})
+    for row in metrics_lib.read_rows(rd.path(run_dir, rd.METRICS)):
+        if row.get("step") == step and "loss" not in row:
+            out.update({k: v for k, v in row.items() if k != "step"})
     return out
 
 
@@ -299,17 +266,3 @@ def format_summary(summary: dict) -> str:
 
 def _fmt(v):
     return "-" if v is None else f"{v:.4f}"
-
-
-class PreemptionFlag:
-    """SIGTERM (TPU preemption, job schedulers) asks the loop to save and stop cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        try:
-            signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. inside some test runners)
-            pass
-
-    def _handle(self, signum, frame):
-        self.requested = True

@@ -4,6 +4,8 @@ the sharded train state and the jitted steps."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,16 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxsft import config as config_lib
+from jaxsft import run_dir as rd
+from jaxsft.checkpoint import (
+    checkpoint_dir,
+    damage,
+    existing_steps,
+    restore_params,
+    short_reason,
+)
+from jaxsft.errors import UserError
 from jaxsft.hf_io import load_hf
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.lora import LoraConfig, LoRAParam
@@ -39,17 +51,6 @@ class TrainSetup:
         return nnx.merge(self.graphdef, self.state["params"], self.frozen)
 
 
-def lora_config(config) -> LoraConfig | None:
-    if config.lora.rank <= 0:
-        return None
-    return LoraConfig(
-        rank=int(config.lora.rank),
-        alpha=float(config.lora.alpha),
-        targets=tuple(config.lora.targets),
-        rslora=bool(config.lora.rslora),
-    )
-
-
 def config_mesh(config):
     return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
 
@@ -66,7 +67,7 @@ def load_model(config, mesh):
         dtype=config.model.dtype,
         param_dtype=config.model.param_dtype,
         mesh=mesh,
-        lora=lora_config(config),
+        lora=config_lib.lora_config(config),
         remat=config.model.remat,
         attention_impl=config.model.attention,
         unroll=config.model.unroll_layers,
@@ -77,7 +78,7 @@ def load_model(config, mesh):
 def build_model_state(config, mesh=None, total_steps: int = 1) -> TrainSetup:
     """Load the HF checkpoint sharded on the mesh, split it, and create the optimizer state."""
     mesh = mesh if mesh is not None else config_mesh(config)
-    lora = lora_config(config)
+    lora = config_lib.lora_config(config)
     model, model_cfg = load_model(config, mesh)
     graphdef, params, frozen = split_trainable(model, lora)
     ref = None
@@ -141,3 +142,43 @@ def compile_steps(setup: TrainSetup, config) -> TrainSetup:
 
 def _shardings(tree):
     return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def restore_model(run_dir: str, step: int | None = None):
+    """(model, model_cfg, lora_cfg, config) from a run directory's checkpoint `step`, or the
+    newest one that validates and restores when None (damaged ones are reported and skipped,
+    never moved: a training run may own the directory). UserError when the run or the step
+    does not exist or no checkpoint is usable."""
+    cfg_path = rd.path(run_dir, rd.CONFIG)
+    if not os.path.isfile(cfg_path):
+        raise UserError("not a jaxsft run directory (no config.json)", where=run_dir)
+    steps = existing_steps(run_dir)
+    if not steps:
+        raise UserError(
+            "the run has no complete checkpoint",
+            where=checkpoint_dir(run_dir),
+            hint="train first, or pass the run_dir of a run that saved one",
+        )
+    if step is not None and step not in steps:
+        raise UserError(
+            f"no checkpoint for step {step} (have {steps})", where=checkpoint_dir(run_dir)
+        )
+    config = config_lib.from_json(cfg_path)
+    # Onto whatever devices this process has (the run may have used another mesh); only the
+    # trainable parameters are read, not the optimizer state.
+    model, model_cfg = load_model(config, make_mesh(1, -1, 1))
+    lora = config_lib.lora_config(config)
+    graphdef, params, frozen = split_trainable(model, lora)
+    for candidate in [step] if step is not None else steps[::-1]:
+        step_dir = os.path.join(checkpoint_dir(run_dir), str(candidate))
+        why = damage(step_dir, items=("state",))
+        if why is None:
+            try:
+                params = restore_params(os.path.join(step_dir, "state"), params)
+                return nnx.merge(graphdef, params, frozen), model_cfg, lora, config
+            except Exception as e:  # noqa: BLE001 - any failure means "not usable"
+                why = f"restore failed ({short_reason(e)})"
+        if step is not None:
+            raise UserError(f"checkpoint {step} is damaged: {why}", where=step_dir)
+        print(f"warning: skipping damaged checkpoint {candidate}: {why}", file=sys.stderr)
+    raise UserError("no usable checkpoint: every one is damaged", where=checkpoint_dir(run_dir))

@@ -5,9 +5,15 @@ the model (the base weights of a LoRA run, empty for full fine-tuning); `ref` is
 reference copy used by the KL-to-base term of a full fine-tune (None otherwise).
 Gradient accumulation is a scan over micro-batches inside the step; the loss and gradients are
 divided once, by the number of supervised tokens of the whole global batch.
+
+Numerical guard: a step whose loss or gradient norm is not finite keeps the old parameters and
+optimizer state (the step counter still advances, the batch counts as consumed) and reports
+`skipped` = 1; the loop stops the run after train.max_bad_steps of them in a row.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -80,14 +86,20 @@ def make_train_step(loss_fn, tx, schedule, grad_accum: int):
         grads = jax.tree.map(lambda g: g / count, grads)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
+        finite = jnp.isfinite(sums["objective_sum"]) & jnp.isfinite(grad_norm)
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
         new_state = {
             "step": state["step"] + 1,
-            "params": optax.apply_updates(params, updates),
-            "opt_state": opt_state,
+            "params": keep(optax.apply_updates(params, updates), params),
+            "opt_state": keep(opt_state, state["opt_state"]),
             "rng": state["rng"],
         }
         metrics = summarize(sums, batch)
-        metrics.update(grad_norm=grad_norm, learning_rate=schedule(state["step"]))
+        metrics.update(
+            grad_norm=grad_norm,
+            learning_rate=schedule(state["step"]),
+            skipped=1.0 - finite.astype(jnp.float32),
+        )
         return new_state, metrics
 
     return train_step
