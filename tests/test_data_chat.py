@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tokenizers_fixture import EOT, KINDS, make_tokenizer
+from tokenizers_fixture import EOT, KINDS, MORE_KINDS, make_tokenizer
 
 from jaxsft.data import render
 from jaxsft.data.formats import normalize
@@ -237,3 +237,194 @@ def test_template_without_end_of_turn_is_reported(toks):
 def test_invalid_rows_say_why(row, reason):
     with pytest.raises(ValueError, match=reason):
         normalize(row)
+
+
+# --------------------------------------------------------------------------------------------
+# Gemma 2 / Gemma 3 / Phi-3.5 / Phi-4 / Phi-4-mini templates
+# --------------------------------------------------------------------------------------------
+def alternating(*contents: str) -> list[dict]:
+    """user, assistant, user, ... messages with these contents."""
+    return [{"role": ("user", "assistant")[i % 2], "content": c} for i, c in enumerate(contents)]
+
+
+MORE_CONVERSATIONS = {
+    "single": CONVERSATIONS["single"],
+    # edge whitespace: Gemma trims it, Phi-3.5's rstrip role tags absorb the leading part
+    "multi": [SYSTEM]
+    + alternating(
+        "What is the weather in paris?",
+        "  It is sunny in paris.  ",
+        "Thanks",
+        "\nTwo lines\nof text.\n",
+        "Yes",
+        "Yes",
+    ),
+    "repeats": CONVERSATIONS["repeats"],
+}
+SYSTEM_FIRST = [SYSTEM, *CONVERSATIONS["single"]]
+# What follows the last assistant turn's end-of-turn token (never supervised); Phi-4: nothing.
+TRAILER = {"gemma2": "\n", "gemma3": "\n", "phi35": "<|endoftext|>", "phi4mini": "<|endoftext|>"}
+
+
+@pytest.fixture(scope="module")
+def more_toks(tmp_path_factory):
+    root = tmp_path_factory.getbasetemp() / "data_tokenizers"
+    return {k: make_tokenizer(k, root) for k in MORE_KINDS}
+
+
+def accepted(kind: str, messages: list[dict]) -> list[dict]:
+    """The conversation as a user would write it for this template (Gemma 2: no system turn)."""
+    return messages[1:] if kind == "gemma2" and messages[0]["role"] == "system" else messages
+
+
+def more_expected(kind: str, messages: list[dict]) -> list[str]:
+    """Decoded supervised text per assistant turn: its content as tokenized + end-of-turn."""
+    fix = {"gemma2": str.strip, "gemma3": str.strip, "phi35": str.lstrip}.get(kind, str)
+    return [fix(m["content"]) + EOT[kind] for m in messages if m["role"] == "assistant"]
+
+
+def decoded_runs(tok, out) -> list[str]:
+    """Each contiguous run of supervised tokens, decoded."""
+    runs, cur = [], []
+    for i, m in zip(out["input_ids"], out["loss_mask"], strict=True):
+        if m:
+            cur.append(i)
+        elif cur:
+            runs, cur = [*runs, tok.decode(cur)], []
+    return runs + ([tok.decode(cur)] if cur else [])
+
+
+def mask_runs(mask: list[int]) -> list[tuple[int, int]]:
+    """(first, last inclusive) token of each contiguous run of 1s."""
+    runs = []
+    for t, m in enumerate(mask):
+        if m and (t == 0 or not mask[t - 1]):
+            runs.append([t, t])
+        elif m:
+            runs[-1][1] = t
+    return [tuple(r) for r in runs]
+
+
+@pytest.mark.parametrize("kind", MORE_KINDS)
+@pytest.mark.parametrize("name", sorted(MORE_CONVERSATIONS))
+def test_more_templates_supervise_content_and_end_of_turn(more_toks, kind, name):
+    tok, messages = more_toks[kind], accepted(kind, MORE_CONVERSATIONS[name])
+    out = render(tok, {"messages": messages})
+    assert decoded_runs(tok, out) == more_expected(kind, messages)
+    ids = out["input_ids"]
+    assert ids == tok.apply_chat_template(messages, tokenize=True)["input_ids"]
+    assert (ids[0] == tok.bos_token_id) == kind.startswith("gemma")  # the template's own BOS
+    assert tok.bos_token_id not in ids[1:-1]
+    assert out["n_assistant_turns"] == sum(m["role"] == "assistant" for m in messages)
+    assert out["turns_without_eot"] == out["turns_empty"] == 0 and not out["truncated"]
+
+
+@pytest.mark.parametrize("kind", MORE_KINDS)
+def test_more_templates_leave_what_follows_the_last_turn_unsupervised(more_toks, kind):
+    tok, messages = more_toks[kind], accepted(kind, MORE_CONVERSATIONS["multi"])
+    out = render(tok, {"messages": messages})
+    last = tok.decode(out["input_ids"][-1:])
+    if kind in TRAILER:
+        assert last == TRAILER[kind] and out["loss_mask"][-1] == 0
+        assert out["loss_mask"][-2] == 1 and tok.decode(out["input_ids"][-2:-1]) == EOT[kind]
+    else:
+        assert last == EOT[kind] and out["loss_mask"][-1] == 1
+
+
+@pytest.mark.parametrize("kind", MORE_KINDS)
+def test_more_templates_truncation_keeps_masks_consistent(more_toks, kind):
+    tok, example = more_toks[kind], {"messages": accepted(kind, MORE_CONVERSATIONS["multi"])}
+    full = render(tok, example)
+    n, turns = len(full["input_ids"]), mask_runs(full["loss_mask"])
+    assert len(turns) == 3
+    for k in range(2, n + 1):
+        out = render(tok, example, max_length=k)
+        assert out["input_ids"] == full["input_ids"][:k]
+        assert out["loss_mask"] == full["loss_mask"][:k]
+        assert out["truncated"] == (k < n) and out["length"] == n
+        assert out["assistant_turns_cut"] == sum(last >= k for _, last in turns)
+        assert out["assistant_turns_lost"] == sum(first >= k for first, _ in turns)
+        assert out["turns_without_eot"] == 0
+
+
+def test_gemma3_folds_the_system_prompt_into_the_first_user_turn(more_toks):
+    tok, messages = more_toks["gemma3"], MORE_CONVERSATIONS["multi"]
+    text = tok.apply_chat_template(messages, tokenize=False)
+    assert text.startswith(
+        f"<bos><start_of_turn>user\n{SYSTEM['content']}\n\n{messages[1]['content']}<end_of_turn>"
+    )
+    with_system = render(tok, {"messages": messages})
+    assert decoded_runs(tok, with_system) == decoded_runs(
+        tok, render(tok, {"messages": messages[1:]})
+    )
+
+
+ALTERNATE = "Conversation roles must alternate user/assistant/user/assistant/..."
+
+
+@pytest.mark.parametrize(
+    "kind, template, messages, said, hint",
+    [
+        ("gemma2", None, SYSTEM_FIRST, "System role not supported", "merge the system prompt"),
+        ("gemma3", None, CONVERSATIONS["multi_tool"][1:], ALTERNATE, "fold tool turns"),
+        # any raise_exception message comes through, with a generic hint
+        (
+            "phi4",
+            "{{ raise_exception('Tools are not supported') }}",
+            SYSTEM_FIRST,
+            "Tools are not supported",
+            "rewrite the row",
+        ),
+    ],
+    ids=["gemma2-system", "gemma3-alternation", "any-message"],
+)
+def test_template_refusals_quote_the_template_and_say_what_to_do(
+    more_toks, kind, template, messages, said, hint
+):
+    tok = more_toks[kind]
+    if template:
+        from tokenizers_fixture import build_tokenizer
+
+        tok = build_tokenizer(kind)
+        tok.chat_template = template
+    with pytest.raises(UserError) as e:
+        render(tok, {"messages": messages})
+    assert e.value.where == "example 0" and e.value.exit_code == 2
+    assert e.value.message == f"the chat template refuses this conversation: {said}"
+    assert hint in e.value.hint and "data.on_invalid=skip" in e.value.hint
+
+
+def test_gemma2_system_role_in_a_data_file_is_an_error_naming_file_and_line(more_toks, tmp_path):
+    from test_data_pipeline import make_config, write_jsonl
+
+    from jaxsft.data import pipeline
+
+    good = {"messages": MORE_CONVERSATIONS["multi"][1:]}
+    path = write_jsonl(tmp_path / "train.jsonl", [good, {"messages": SYSTEM_FIRST}, good])
+    cfg = make_config("unused", path)
+    with pytest.raises(UserError) as e:
+        pipeline.build_datasets(cfg, more_toks["gemma2"])
+    assert e.value.where == f"{path}:2" and e.value.exit_code == 2
+    assert str(e.value).startswith(
+        f"{path}:2: the chat template refuses this conversation: System role not supported\n"
+        "  -> this chat template has no system role: merge the system prompt into the first "
+        "user turn, or drop the system message"
+    )
+    cfg.data.on_invalid = "skip"
+    data = pipeline.build_datasets(cfg, more_toks["gemma2"])
+    assert len(data.train) == 2
+    dropped = data.report["train"]["dropped"]["rows"]
+    assert [d["where"] for d in dropped] == [f"{path}:2"]
+    assert "System role not supported" in dropped[0]["reason"]
+
+
+def test_template_that_does_not_compile_names_the_tokenizer_not_the_row():
+    from tokenizers_fixture import build_tokenizer
+
+    from jaxsft.data.chat import render_many
+
+    tok = build_tokenizer("gemma2")
+    tok.chat_template = "{% for m in messages %}{{ m.content }"
+    with pytest.raises(UserError, match="not valid Jinja") as e:  # even under skip
+        render_many(tok, [{"messages": SYSTEM_FIRST}], on_error="skip")
+    assert "first such row: example 0" in e.value.message

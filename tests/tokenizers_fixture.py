@@ -12,6 +12,19 @@ special tokens and chat template of a model family:
 - "qwen3": Qwen3 (history rewriting: <think> blocks of assistant turns before the last user
   query are dropped, later turns get a normalised think block);
 - "chatml_gen": ChatML with {% generation %} markers around assistant content + <|im_end|>.
+
+MORE_KINDS (their own special tokens are added on top of the shared BPE model, so the ids of
+KINDS do not change):
+- "gemma2": Gemma 2 instruct (BOS added by the tokenizer and written by the template,
+  <start_of_turn>user|model ... <end_of_turn>\n, content|trim, raises "System role not supported");
+- "gemma3": Gemma 3 instruct (like Gemma 2; a system message becomes a prefix of the first user
+  turn; content lists of {"type": "text"|"image"} parts);
+- "phi35": Phi-3.5-mini-instruct (<|user|>\n ... <|end|>\n, eos <|endoftext|> after the last turn,
+  no BOS; the role tokens and <|end|> have rstrip=True, as shipped: the newline after them is
+  absorbed into the special token and never becomes a token of its own);
+- "phi4": Phi-4 14B (<|im_start|>role<|im_sep|> ... <|im_end|>, no newlines, no BOS);
+- "phi4mini": Phi-4-mini-instruct (<|role|> ... <|end|>, eos <|endoftext|> after the last turn,
+  tools as <|tool|>...<|/tool|> in a system message that has a "tools" key).
 """
 
 # ruff: noqa: E501  (the chat templates are kept verbatim, long lines included)
@@ -23,6 +36,7 @@ import os
 import random
 
 KINDS = ("llama3", "chatml", "qwen3", "chatml_gen")
+MORE_KINDS = ("gemma2", "gemma3", "phi35", "phi4", "phi4mini")
 
 SPECIALS = [
     "<|begin_of_text|>",
@@ -164,18 +178,89 @@ CHATML_GEN_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+GEMMA2_TEMPLATE = "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
+
+GEMMA3_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\\n'}}
+{%- endif -%}
+"""
+
+PHI35_TEMPLATE = "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}{{'<|system|>\\n' + message['content'] + '<|end|>\\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}{% elif message['role'] == 'assistant' %}{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+
+PHI4_TEMPLATE = "{% for message in messages %}{% if (message['role'] == 'system') %}{{'<|im_start|>system<|im_sep|>' + message['content'] + '<|im_end|>'}}{% elif (message['role'] == 'user') %}{{'<|im_start|>user<|im_sep|>' + message['content'] + '<|im_end|>'}}{% elif (message['role'] == 'assistant') %}{{'<|im_start|>assistant<|im_sep|>' + message['content'] + '<|im_end|>'}}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"
+
+PHI4MINI_TEMPLATE = "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and message['tools'] is not none %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + '<|/tool|>' + '<|end|>' }}{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
+
 # kind -> (template, bos, eos, pad, tokenizer adds BOS)
 SPECS = {
     "llama3": (LLAMA31_TEMPLATE, "<|begin_of_text|>", "<|eot_id|>", None, True),
     "chatml": (QWEN25_TEMPLATE, None, "<|im_end|>", "<|endoftext|>", False),
     "qwen3": (QWEN3_TEMPLATE, None, "<|im_end|>", "<|endoftext|>", False),
     "chatml_gen": (CHATML_GEN_TEMPLATE, None, "<|im_end|>", "<|endoftext|>", False),
+    "gemma2": (GEMMA2_TEMPLATE, "<bos>", "<eos>", "<pad>", True),
+    "gemma3": (GEMMA3_TEMPLATE, "<bos>", "<eos>", "<pad>", True),
+    "phi35": (PHI35_TEMPLATE, "<s>", "<|endoftext|>", "<|endoftext|>", False),
+    "phi4": (PHI4_TEMPLATE, "<|endoftext|>", "<|im_end|>", "<|dummy_85|>", False),
+    "phi4mini": (PHI4MINI_TEMPLATE, "<|endoftext|>", "<|endoftext|>", "<|endoftext|>", False),
 }
 EOT = {
     "llama3": "<|eot_id|>",
     "chatml": "<|im_end|>",
     "qwen3": "<|im_end|>",
     "chatml_gen": "<|im_end|>",
+    "gemma2": "<end_of_turn>",
+    "gemma3": "<end_of_turn>",
+    "phi35": "<|end|>",
+    "phi4": "<|im_end|>",
+    "phi4mini": "<|end|>",
+}
+_GEMMA = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+_PHI3_ROLES = ["<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
+_PHI4MINI_ROLES = ["<|assistant|>", "<|end|>", "<|user|>", "<|system|>", "<|tool|>", "<|/tool|>"]
+# kind -> (special tokens added on top of SPECIALS, which of them have rstrip=True)
+EXTRA_SPECIALS = {
+    "gemma2": (_GEMMA, []),
+    "gemma3": (_GEMMA + ["<start_of_image>"], []),
+    "phi35": (["<unk>", "<s>", *_PHI3_ROLES], _PHI3_ROLES),
+    "phi4": (["<|im_sep|>", "<|dummy_85|>"], []),
+    "phi4mini": (_PHI4MINI_ROLES + ["<|tool_call|>", "<|/tool_call|>", "<|tool_response|>"], []),
 }
 
 WORDS = (
@@ -221,11 +306,15 @@ def _bpe_json() -> str:
 
 def build_tokenizer(kind: str):
     """An in-memory PreTrainedTokenizerFast of the given kind (not saved)."""
-    from tokenizers import Tokenizer, processors
+    from tokenizers import AddedToken, Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
 
     template, bos, eos, pad, adds_bos = SPECS[kind]
     tok = Tokenizer.from_str(_bpe_json())
+    extra, rstrip = EXTRA_SPECIALS.get(kind, ([], []))
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False, rstrip=t in rstrip) for t in extra]
+    )
     byte_level = processors.ByteLevel(trim_offsets=False)
     if adds_bos:  # like Llama 3: the tokenizer itself prepends <|begin_of_text|>
         bos_id = tok.token_to_id(bos)

@@ -3,8 +3,8 @@
 Formats (see formats.py): conversational `messages`, ShareGPT `conversations`, `prompt`/`completion`
 (strings or message lists) and plain `text`. For conversations the supervised tokens are each
 assistant turn's content plus whatever the template emits after it up to and including its
-end-of-turn special token (`<|eot_id|>`, `<|im_end|>`, ...); nothing of system/user/tool turns
-or of role headers.
+end-of-turn special token (`<|eot_id|>`, `<|im_end|>`, `<end_of_turn>`, `<|end|>`, ...); nothing
+of system/user/tool turns or of role headers.
 
 How the mask is found:
 - a template with `{% generation %}` markers: the assistant mask of `apply_chat_template`;
@@ -185,29 +185,62 @@ def assistant_char_spans(text: str, messages: list, info: TokInfo) -> list[tuple
 # --------------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------------
-def _render_text(tokenizer, norm: dict) -> str:
+_SKIP = "data.on_invalid=skip drops invalid rows and lists them"
+_HINT = f"fix or remove the row ({_SKIP})"
+# What to do when a template's own raise_exception(...) refuses a row, by what it says.
+_REFUSAL_HINTS = {
+    "system": "this chat template has no system role: merge the system prompt into the first "
+    "user turn, or drop the system message",
+    "alternate": "this chat template takes only user/assistant turns in alternation, starting "
+    "with a user turn: merge consecutive turns of one role, fold tool turns into user turns",
+    "": "rewrite the row into a conversation this chat template accepts, or remove it",
+}
+
+
+def _apply_template(tokenizer, messages: list, where: str, **kwargs):
+    """apply_chat_template; a template that refuses or fails on the row is an InvalidExample
+    quoting the template's own message (never a Jinja traceback)."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+
     try:
-        return tokenizer.apply_chat_template(norm["messages"], tokenize=False)
-    except Exception as e:  # jinja TemplateError, raise_exception(...) in the template, ...
-        raise InvalidExample(f"the chat template refused the conversation: {e}") from e
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except TemplateSyntaxError as e:  # the tokenizer's fault, not the row's: never skipped
+        raise no_chat_template(
+            tokenizer, where, f"has a chat template that is not valid Jinja ({e})"
+        ) from e
+    except Exception as e:
+        if type(e) is TemplateError:  # raise_exception(...) in the template
+            hint = next(h for k, h in _REFUSAL_HINTS.items() if k in str(e).lower())
+            reason = f"the chat template refuses this conversation: {e}"
+            raise InvalidExample(reason, hint=f"{hint} ({_SKIP})") from e
+        reason = f"the chat template failed on this conversation ({type(e).__name__}: {e})"
+        raise InvalidExample(reason) from e
 
 
 def _token_spans(enc, char_spans, info: TokInfo, with_eot: bool) -> list[tuple]:
     """Char spans -> [(first token, last token inclusive, eot found)] via the fast tokenizer's
     offsets (`enc` is a tokenizers.Encoding).
 
-    A token belongs to a span when its characters overlap it. With with_eot, the span extends
-    to the first special token after it when that token is an end-of-turn token (everything
-    the template emits in between, e.g. tool calls, is the assistant's output too).
+    A token belongs to a span when its characters overlap it. With with_eot (chat spans),
+    special tokens at the span's edges are left out, and the span extends to the first special
+    token after it when that token is an end-of-turn token (everything the template emits in
+    between, e.g. tool calls, is the assistant's output too).
     """
     ids, out = enc.ids, []
     for s, e in char_spans:
         first, last = _char_token(enc, s, e, 1), _char_token(enc, e - 1, s - 1, -1)
+        if first is not None and last is not None:
+            while last + 1 < len(ids) and enc.token_to_chars(last + 1)[0] < e:
+                last += 1  # several tokens for the last character (byte pieces)
+            # A special token with rstrip/lstrip (Phi-3's role tags) absorbs the whitespace at
+            # a content's edge: it is the header or the end-of-turn token, not content.
+            while with_eot and first <= last and ids[first] in info.special_ids:
+                first += 1
+            while with_eot and last >= first and ids[last] in info.special_ids:
+                last -= 1
         if first is None or last is None or first > last:
             out.append((-1, -1, False))
             continue
-        while last + 1 < len(ids) and enc.token_to_chars(last + 1)[0] < e:
-            last += 1  # several tokens for the last character (byte pieces)
         eot = False
         if with_eot:
             for t in range(last + 1, len(ids)):
@@ -252,13 +285,15 @@ def _finish(ids, turns: list[tuple], max_length: int | None) -> dict:
     }
 
 
-def _generation_render(tokenizer, norm: dict, info: TokInfo, max_length) -> dict:
-    try:
-        out = tokenizer.apply_chat_template(
-            norm["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
-    except Exception as e:
-        raise InvalidExample(f"the chat template refused the conversation: {e}") from e
+def _generation_render(tokenizer, norm: dict, info: TokInfo, max_length, where: str) -> dict:
+    out = _apply_template(
+        tokenizer,
+        norm["messages"],
+        where,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
     ids = np.asarray(out["input_ids"], np.int64)
     m = np.asarray(out["assistant_masks"], np.int32)
     edges = np.diff(np.concatenate([[0], m, [0]]))
@@ -292,18 +327,19 @@ def render_many(
     wheres[i] (or "example i"). normalized=True: the examples come from `normalize` already.
     """
     info, mode = tok_info(tokenizer), template_mode(tokenizer)
-    texts, plans, errors = [], [], []
+    texts, plans, errors, hints = [], [], [], {}
     results: list[dict | None] = [None] * len(examples)
     for i, ex in enumerate(examples):
+        where = wheres[i] if wheres else f"example {i}"
         try:
             norm = ex if normalized else normalize(ex)
             if norm["format"] == "chat":
                 if mode == "none":  # the tokenizer's fault, not the row's: never skipped
-                    raise _no_template(tokenizer, wheres[i] if wheres else f"example {i}")
+                    raise _no_template(tokenizer, where)
                 if mode == "generation":
-                    results[i] = _generation_render(tokenizer, norm, info, max_length)
+                    results[i] = _generation_render(tokenizer, norm, info, max_length, where)
                     continue
-                text = _render_text(tokenizer, norm)
+                text = _apply_template(tokenizer, norm["messages"], where, tokenize=False)
                 spans = assistant_char_spans(text, norm["messages"], info)
                 spans = [(s, e) for j, s, e in spans if j >= norm["supervise_from"]]
             elif norm["format"] == "prompt_completion":
@@ -317,6 +353,7 @@ def render_many(
             plans.append((i, norm["format"], spans))
         except InvalidExample as e:
             errors.append((i, str(e)))
+            hints[i] = e.hint
     if texts:
         for (i, fmt, spans), enc in zip(plans, _encode(tokenizer, texts), strict=True):
             results[i] = _encode_one(enc, fmt, spans, info, max_length)
@@ -324,11 +361,8 @@ def render_many(
     if errors and on_error == "raise":
         i, reason = errors[0]
         where = wheres[i] if wheres else f"example {i}"
-        raise UserError(reason, where=where, hint=_HINT)
+        raise UserError(reason, where=where, hint=hints[i] or _HINT)
     return results, errors
-
-
-_HINT = "fix or remove the row (data.on_invalid=skip drops invalid rows and lists them)"
 
 
 def _encode(tokenizer, texts: list[str]) -> list:

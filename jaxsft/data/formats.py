@@ -24,7 +24,12 @@ SHAREGPT_ROLES = {
 
 
 class InvalidExample(ValueError):
-    """A row that cannot be trained on; the message says why (the caller adds file:line)."""
+    """A row that cannot be trained on; the message says why (the caller adds file:line) and
+    `hint`, when set, what to do about it."""
+
+    def __init__(self, reason: str, hint: str = ""):
+        super().__init__(reason)
+        self.hint = hint
 
 
 # --------------------------------------------------------------------------------------------
