@@ -1,6 +1,7 @@
-"""jaxsft: supervised fine-tuning of Llama/Qwen/Mistral models in JAX/Flax.
+"""jaxsft: supervised fine-tuning of Llama/Qwen/Mistral/Gemma models in JAX/Flax.
 
 model, cfg = jaxsft.load_hf(path, dtype="float32")
+shapes = jaxsft.model_shapes(path_or_config_dict)   # {state path: ShapeDtypeStruct}, no memory
 logits = model(input_ids)                    # [B, T, V]
 rendered = jaxsft.data.render(tokenizer, example)
 texts = jaxsft.generate(model, tokenizer, conversations, max_new_tokens=64)
@@ -14,12 +15,12 @@ from importlib import import_module
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 __version__ = "0.1.0"
-__all__ = ["load_hf", "generate", "data", "ModelConfig"]
+__all__ = ["load_hf", "model_shapes", "generate", "data", "ModelConfig"]
 
 
 def __getattr__(name):  # lazy: `import jaxsft` stays cheap and does not import jax
-    if name == "load_hf":
-        return import_module("jaxsft.hf_io").load_hf
+    if name in ("load_hf", "model_shapes"):
+        return getattr(import_module("jaxsft.hf_io"), name)
     if name == "ModelConfig":
         return import_module("jaxsft.models.config").ModelConfig
     if name == "generate":

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from jaxsft.errors import UserError
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.lora import LoraConfig, LoRAParam
-from jaxsft.models.transformer import Transformer
+from jaxsft.models.transformer import Transformer, block_norms
 from jaxsft.sharding import named_sharding
 
 # Keys some checkpoints carry that hold no parameter of the model.
@@ -49,7 +49,7 @@ def weight_table(cfg: ModelConfig) -> list[Entry]:
     def add(hf, path, transpose=False):
         table.append(Entry(layer + hf, ("layers", *path), transpose, True))
 
-    for name, _norm in (("input_layernorm", True), ("post_attention_layernorm", True)):
+    for name in block_norms(cfg):
         add(f"{name}.weight", (name, "scale"))
     for proj, bias in (
         ("q_proj", cfg.qkv_bias),
@@ -70,7 +70,9 @@ def weight_table(cfg: ModelConfig) -> list[Entry]:
     table.append(Entry("model.norm.weight", ("norm", "scale"), False, False))
     if not cfg.tie_word_embeddings:
         table.append(Entry("lm_head.weight", ("lm_head", "kernel"), True, False))
-    return table
+    from jaxsft.models import families
+
+    return families.family_of(cfg.model_type).table(cfg, table)
 
 
 def hf_keys(entry: Entry, num_layers: int) -> list[str]:
@@ -99,6 +101,17 @@ def abstract_model(
             **options,
         )
     )
+
+
+def model_shapes(
+    hf_config, *, dtype="bfloat16", param_dtype="float32", lora: LoraConfig | None = None
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """{state path ("layers.self_attn.q_proj.kernel", ...): ShapeDtypeStruct} of the model of a
+    config.json (a dict, the file, or a checkpoint directory); nothing is allocated."""
+    cfg = ModelConfig.from_hf(hf_config)
+    model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora)
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return {".".join(map(str, path)): var.get_value() for path, var in flat}
 
 
 def load_hf(

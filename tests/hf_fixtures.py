@@ -12,6 +12,14 @@ One checkpoint per family and per quirk the loader must handle:
 - `llama_sharded_bf16`: bfloat16 weights in 4 safetensors shards + model.safetensors.index.json;
 - `llama_4x_config`: config.json in the transformers 4.x style: top-level rope_theta and
   rope_scaling (no rope_parameters), no head_dim, torch_dtype.
+- `gemma2`: offset norms, post-norms, embedding scale, query_pre_attn_scalar 24 != head_dim 16,
+  gelu-tanh MLP, sliding window 8 on layers 0 and 2, and softcaps small enough (attention 3,
+  final 4) that they change these logits (the shipped 50 / 30 are not reached at this size);
+- `gemma3`: Gemma3ForCausalLM (gemma3_text): q/k norms with offset, windowed layers 0 and 1
+  with RoPE theta 10k, the global layer 2 with theta 1M and linear scaling x8 (5.x per-layer-
+  type rope_parameters), no softcaps;
+- `gemma3_4x_config`: the same model with its config.json in the 4.x style (rope_theta,
+  rope_scaling, rope_local_base_freq, sliding_window_pattern instead of layer_types).
 
 Every RMSNorm weight is random (not ones) so that a missing or misplaced norm is caught, and
 the init scale is large enough that attention is far from uniform (so RoPE and mask errors
@@ -36,6 +44,9 @@ FAMILIES = (
     "mistral",
     "llama_sharded_bf16",
     "llama_4x_config",
+    "gemma2",
+    "gemma3",
+    "gemma3_4x_config",
 )
 # Built on demand by the tests that need them, not part of the per-family parity set.
 EXTRA = ("qwen2_layer_window",)
@@ -121,10 +132,37 @@ def _hf_config(name: str):
             rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
             tie_word_embeddings=False,
         )
+    if name == "gemma2":
+        return tf.Gemma2Config(
+            **_COMMON,
+            num_hidden_layers=3,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=MISTRAL_WINDOW,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            attn_logit_softcapping=3.0,
+            final_logit_softcapping=4.0,
+            rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+        )
+    if name in ("gemma3", "gemma3_4x_config"):
+        return tf.Gemma3TextConfig(
+            **_COMMON,
+            num_hidden_layers=3,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=MISTRAL_WINDOW,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            },
+        )
     raise KeyError(name)
 
 
 _MODEL_CLASS = {
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
@@ -138,9 +176,11 @@ def _randomize(model, seed: int) -> None:
 
     g = torch.Generator().manual_seed(seed + 1000)
     with torch.no_grad():
+        # Gemma stores norm weights as w - 1 (its norms multiply by 1 + w).
+        centre = 0.0 if model.config.model_type.startswith("gemma") else 1.0
         for pname, p in model.named_parameters():
             if pname.endswith("norm.weight"):  # input/post_attention/final/q_norm/k_norm
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+                p.copy_(centre + 0.3 * torch.randn(p.shape, generator=g))
             elif pname.endswith(".bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
@@ -180,6 +220,18 @@ def build_checkpoint(name: str, out_dir: str | Path, seed: int = 0) -> Path:
         c.pop("head_dim", None)  # Llama-3.1-8B's config has none: hidden / heads
         c["torch_dtype"] = c.pop("dtype", "float32")
         c["transformers_version"] = "4.46.0"
+        config_path.write_text(json.dumps(c, indent=2))
+    if name == "gemma3_4x_config":  # as Gemma-3-1b-it ships it (transformers 4.50)
+        c = json.loads(config_path.read_text())
+        rope = c.pop("rope_parameters")
+        full = dict(rope["full_attention"])
+        c["rope_theta"] = full.pop("rope_theta")
+        c["rope_scaling"] = full
+        c["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        c.pop("layer_types")
+        c["sliding_window_pattern"] = 3  # layers 0, 1 windowed, layer 2 global
+        c["torch_dtype"] = c.pop("dtype", "float32")
+        c["transformers_version"] = "4.50.0"
         config_path.write_text(json.dumps(c, indent=2))
     return out
 

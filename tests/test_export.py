@@ -71,6 +71,10 @@ CASES = {
     ),
     # q/k RMSNorm and head_dim != hidden / heads, full fine-tuning
     "qwen3": Case("qwen3", None),
+    # offset norms, post-norms, softcaps (in the training steps too), LoRA on all projections
+    "gemma2": Case("chatml", LoraConfig(rank=4, alpha=8.0)),
+    # q/k offset norms, per-layer RoPE, full fine-tuning
+    "gemma3": Case("chatml", None),
 }
 MESSAGES = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "hi"}]
 

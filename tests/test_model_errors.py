@@ -175,3 +175,25 @@ def test_cli_exit_code(tmp_path):
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.startswith("error: ") and "config.json" in proc.stderr, proc.stderr
+
+
+def test_unknown_activation(ckpt):
+    """hidden_act is read: a checkpoint with an activation the decoder lacks is refused."""
+    _edit_config(ckpt, hidden_act="relu2")
+    msg = _load_error(ckpt)
+    assert "config.json" in msg and "relu2" in msg and "hidden_act" in msg, msg
+
+
+def test_gemma_refusals(hf_checkpoints, tmp_path):
+    """An unknown hidden_activation, an embedding model and a multimodal Gemma 3 checkpoint are
+    refused naming the file and the key, before any weight is read."""
+    cases = [
+        ({"hidden_activation": "quick_gelu"}, "hidden_activation"),
+        ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+        ({"model_type": "gemma3"}, "gemma3"),
+    ]
+    for i, (changes, needle) in enumerate(cases):
+        path = shutil.copytree(hf_checkpoints["gemma3"], tmp_path / f"g{i}")
+        _edit_config(path, **changes)
+        msg = _load_error(path)
+        assert "config.json" in msg and needle in msg, msg

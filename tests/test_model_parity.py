@@ -154,10 +154,12 @@ def test_plain_call(hf_checkpoints, references, batch, family):
     assert err <= FP32_TOL * scale, f"{family}: {err:.3e} > {FP32_TOL:g} * {scale:.3f}"
 
 
-def test_decode_with_cache(hf_checkpoints):
-    """Prefill 12 tokens then decode one at a time (KV cache, window 8 < 20 tokens), with a
-    left-padded second row: the logits equal transformers' full forward."""
-    path = hf_checkpoints["mistral"]
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3"])
+def test_decode_with_cache(hf_checkpoints, family):
+    """Prefill 12 tokens then decode one at a time (KV cache, window 8 < 20 tokens; Gemma's
+    per-layer windows, RoPE and softcaps), with a left-padded second row: the logits equal
+    transformers' full forward."""
+    path = hf_checkpoints[family]
     model, _ = jaxsft.load_hf(path, dtype="float32")
     n, pad, prefill = 20, 3, 12
     ids = np.random.RandomState(1).randint(3, VOCAB, (2, n)).astype(np.int32)
@@ -218,6 +220,10 @@ ARCH_KEYS = (
     "layer_types",
     "attention_bias",
     "mlp_bias",
+    "hidden_activation",
+    "query_pre_attn_scalar",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
 )
 
 
@@ -243,3 +249,7 @@ def test_config_round_trip(hf_checkpoints):
     assert ModelConfig.from_hf(hf_checkpoints["qwen2"]).sliding_window is None
     assert ModelConfig.from_hf(hf_checkpoints["mistral"]).sliding_window == 8
     assert ModelConfig.from_hf(hf_checkpoints["qwen3"]).head_dim == 32
+    g3, g3_4x = (ModelConfig.from_hf(hf_checkpoints[k]) for k in ("gemma3", "gemma3_4x_config"))
+    assert g3.sliding_layers == g3_4x.sliding_layers == (True, True, False)
+    assert (g3.rope_theta, g3.local_rope_theta) == (g3_4x.rope_theta, g3_4x.local_rope_theta)
+    assert g3.rope_scaling == g3_4x.rope_scaling == {"rope_type": "linear", "factor": 8.0}

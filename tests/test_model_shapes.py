@@ -188,6 +188,66 @@ CONFIGS = {
     },
 }
 
+GEMMA2 = {
+    "architectures": ["Gemma2ForCausalLM"],
+    "model_type": "gemma2",
+    "vocab_size": 256000,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0,
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-06,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": True,
+    "torch_dtype": "float32",
+}
+GEMMA3 = {
+    "architectures": ["Gemma3ForCausalLM"],
+    "model_type": "gemma3_text",
+    "hidden_activation": "gelu_pytorch_tanh",
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 512,
+    "sliding_window_pattern": 6,
+    "rope_theta": 1000000.0,
+    "rope_local_base_freq": 10000.0,
+    "rms_norm_eps": 1e-06,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+}
+CONFIGS.update(
+    {
+        "Gemma-2-2b": {**GEMMA2, "hidden_size": 2304, "intermediate_size": 9216,
+                       "num_hidden_layers": 26, "num_attention_heads": 8,
+                       "num_key_value_heads": 4},
+        "Gemma-2-9b": {**GEMMA2, "hidden_size": 3584, "intermediate_size": 14336,
+                       "num_hidden_layers": 42, "num_attention_heads": 16,
+                       "num_key_value_heads": 8},
+        "Gemma-2-27b": {**GEMMA2, "hidden_size": 4608, "intermediate_size": 36864,
+                        "num_hidden_layers": 46, "num_attention_heads": 32,
+                        "num_key_value_heads": 16, "head_dim": 128,
+                        "query_pre_attn_scalar": 144},
+        "Gemma-3-1b": {**GEMMA3, "vocab_size": 262144, "hidden_size": 1152,
+                       "intermediate_size": 6912, "num_hidden_layers": 26,
+                       "num_attention_heads": 4, "num_key_value_heads": 1,
+                       "max_position_embeddings": 32768, "rope_scaling": None},
+        "Gemma-3-4b-text": {**GEMMA3, "vocab_size": 262208, "hidden_size": 2560,
+                            "intermediate_size": 10240, "num_hidden_layers": 34,
+                            "num_attention_heads": 8, "num_key_value_heads": 4,
+                            "sliding_window": 1024, "max_position_embeddings": 131072,
+                            "rope_scaling": {"factor": 8.0, "rope_type": "linear"}},
+        "Gemma-3-27b-text": {**GEMMA3, "vocab_size": 262208, "hidden_size": 5376,
+                             "intermediate_size": 21504, "num_hidden_layers": 62,
+                             "num_attention_heads": 32, "num_key_value_heads": 16,
+                             "head_dim": 128, "query_pre_attn_scalar": 168,
+                             "sliding_window": 1024, "max_position_embeddings": 131072,
+                             "rope_scaling": {"factor": 8.0, "rope_type": "linear"}},
+    }
+)  # fmt: skip
+
 PARAM_COUNTS = {
     "Llama-3.1-8B": 8_030_261_248,
     "Llama-3.2-1B": 1_235_814_400,
@@ -195,6 +255,12 @@ PARAM_COUNTS = {
     "Qwen2.5-7B": 7_615_616_512,
     "Qwen3-8B": 8_190_735_360,
     "Qwen3-0.6B": 596_049_920,
+    "Gemma-2-2b": 2_614_341_888,
+    "Gemma-2-9b": 9_241_705_984,
+    "Gemma-2-27b": 27_227_128_320,
+    "Gemma-3-1b": 999_885_952,
+    "Gemma-3-4b-text": 3_880_263_168,
+    "Gemma-3-27b-text": 27_009_346_304,
 }
 
 
@@ -241,11 +307,18 @@ def test_param_count(name):
         assert params["lm_head.kernel"].shape == (D, V)
     if hf["model_type"] == "qwen2":
         assert params["layers.self_attn.q_proj.bias"].shape == (L, N * H)
-    if hf["model_type"] == "qwen3":
+    if hf["model_type"] in ("qwen3", "gemma3_text"):
         assert params["layers.self_attn.q_norm.scale"].shape == (L, H)
+    if hf["model_type"].startswith("gemma"):
+        for norm in ("pre_feedforward_layernorm", "post_feedforward_layernorm"):
+            assert params[f"layers.{norm}.scale"].shape == (L, D)
+    # the public API gives the same shapes, with nothing allocated
+    import jaxsft
+
+    assert jaxsft.model_shapes(hf) == params
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", [n for n in CONFIGS if not n.startswith("Gemma")])
 def test_config_reading(name):
     """The architecture fields ModelConfig reads from the published 4.x-style configs."""
     hf = CONFIGS[name]
@@ -258,6 +331,22 @@ def test_config_reading(name):
     assert cfg.qkv_bias == (hf["model_type"] == "qwen2")
     assert cfg.qk_norm == (hf["model_type"] == "qwen3")
     assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+
+
+def test_gemma_config_reading():
+    """The Gemma quirks as the published 4.x-style configs give them."""
+    g2 = ModelConfig.from_hf(CONFIGS["Gemma-2-9b"])
+    assert g2.sliding_window == 4096 and g2.sliding_layers == tuple(i % 2 == 0 for i in range(42))
+    assert (g2.attn_softcap, g2.final_softcap) == (50.0, 30.0)
+    assert g2.query_scale == 256**-0.5 and g2.norm_offset == 1.0 and g2.post_norms
+    assert g2.embed_scale and g2.hidden_act == "gelu_pytorch_tanh" and not g2.qk_norm
+    g3 = ModelConfig.from_hf(CONFIGS["Gemma-3-4b-text"])
+    assert g3.sliding_layers == tuple((i + 1) % 6 != 0 for i in range(34))
+    assert (g3.rope_theta, g3.local_rope_theta) == (1e6, 1e4)
+    assert g3.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+    assert g3.local_rope_scaling is None and g3.qk_norm and g3.final_softcap is None
+    for cfg in (g2, g3):
+        assert ModelConfig.from_hf(cfg.to_hf()) == cfg
 
 
 def test_logical_axis_names():

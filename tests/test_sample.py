@@ -36,11 +36,11 @@ def cut_at(ids, eos):
 def models(hf_checkpoints):
     return {
         name: jaxsft.load_hf(hf_checkpoints[name])[0]
-        for name in ("llama", "qwen2", "qwen3", "mistral")
+        for name in ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3")
     }
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3"])
 def test_greedy_matches_transformers(family, models, hf_checkpoints):
     """Batched (left-padded) jaxsft greedy == transformers generate(do_sample=False) per row."""
     ps = prompts()

@@ -6,6 +6,8 @@ The XLA path is einsum + float32 softmax; on GPU jax.nn.dot_product_attention pi
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,46 +33,47 @@ def attention_mask(q_seg, k_seg, q_idx, k_idx, sliding_window: int | None = None
 CAUSAL_BLOCK = 128  # query rows per block of the causal-skipping path
 
 
-def attend(q, k, v, mask, impl: str = "xla"):
+def attend(q, k, v, mask, impl: str = "xla", *, scale=None, softcap=None):
     """q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H] in q's dtype.
 
-    The mask must be causal (it always is here). When queries and keys are the same T
-    positions, the einsum path skips key blocks after each query block (~40% less work at
-    T=512, more for longer rows).
+    scale: of q.k (default H**-0.5); softcap: scores -> softcap * tanh(scores / softcap)
+    before the mask (Gemma 2; the einsum path only). The mask must be causal (it always is
+    here). When queries and keys are the same T positions, the einsum path skips key blocks
+    after each query block (~40% less work at T=512, more for longer rows).
     """
-    if impl == "xla":
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if impl == "xla" or softcap:  # cuDNN / dot_product_attention take no softcap
         if q.shape[1] == k.shape[1] and q.shape[1] > CAUSAL_BLOCK:
-            return _attend_causal_blocks(q, k, v, mask, CAUSAL_BLOCK)
-        return _attend_einsum(q, k, v, mask)
+            return _attend_causal_blocks(q, k, v, mask, CAUSAL_BLOCK, scale, softcap)
+        return _attend_einsum(q, k, v, mask, scale, softcap)
     out = jax.nn.dot_product_attention(
-        q, k, v, mask=mask[:, None], implementation=None if impl == "auto" else impl
+        q, k, v, mask=mask[:, None], scale=scale, implementation=None if impl == "auto" else impl
     )
     return out.astype(q.dtype)
 
 
-def _attend_causal_blocks(q, k, v, mask, block):
+def _attend_causal_blocks(q, k, v, mask, block, scale, softcap):
     """Query block i attends to keys [0, (i + 1) * block) only: later keys are masked anyway."""
-    q5, k4, v4 = _to_heads_major(q, k, v)
+    q5, k4, v4 = _to_heads_major(q, k, v, scale)
     T = q.shape[1]
     outs = []
     for start in range(0, T, block):
         end = min(start + block, T)
-        outs.append(
-            _core(q5[:, :, :, start:end], k4[:, :, :end], v4[:, :, :end], mask[:, start:end, :end])
-        )
+        qb, kb, vb = q5[:, :, :, start:end], k4[:, :, :end], v4[:, :, :end]
+        outs.append(_core(qb, kb, vb, mask[:, start:end, :end], softcap))
     return _from_heads_major(jnp.concatenate(outs, axis=3))
 
 
-def _attend_einsum(q, k, v, mask):
-    q5, k4, v4 = _to_heads_major(q, k, v)
-    return _from_heads_major(_core(q5, k4, v4, mask))
+def _attend_einsum(q, k, v, mask, scale, softcap):
+    q5, k4, v4 = _to_heads_major(q, k, v, scale)
+    return _from_heads_major(_core(q5, k4, v4, mask, softcap))
 
 
-def _to_heads_major(q, k, v):
-    """q [B, T, N, H] -> [B, K, G, T, H] (pre-scaled by 1/sqrt(H)); k, v -> [B, K, S, H]."""
+def _to_heads_major(q, k, v, scale):
+    """q [B, T, N, H] -> [B, K, G, T, H] (pre-scaled by `scale`); k, v -> [B, K, S, H]."""
     B, T, N, H = q.shape
     K = k.shape[2]
-    q = (q * jnp.asarray(H**-0.5, q.dtype)).reshape(B, T, K, N // K, H)
+    q = (q * jnp.asarray(scale, q.dtype)).reshape(B, T, K, N // K, H)
     return q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
@@ -79,20 +82,26 @@ def _from_heads_major(o):
     return o.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, H)
 
 
-@jax.custom_vjp
-def _core(q, k, v, mask):
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _core(q, k, v, mask, softcap=None):
     """Softmax attention on heads-major operands: q [B, K, G, T, H], k/v [B, K, S, H],
     mask [B, T, S] -> [B, K, G, T, H]. Batched GEMMs over (B, K) with the G q heads of a kv
-    head stacked along the rows; float32 scores and softmax."""
-    return _core_fwd(q, k, v, mask)[0]
+    head stacked along the rows; float32 scores (softcapped when `softcap`) and softmax."""
+    return _core_fwd(q, k, v, mask, softcap)[0]
 
 
-def _core_fwd(q, k, v, mask):
+def _scores(q, k):
     B, K, G, T, H = q.shape
-    dt = q.dtype
-    s = jnp.einsum(
+    return jnp.einsum(
         "bkqh,bksh->bkqs", q.reshape(B, K, G * T, H), k, preferred_element_type=jnp.float32
     ).reshape(B, K, G, T, -1)
+
+
+def _core_fwd(q, k, v, mask, softcap):
+    dt = q.dtype
+    s = _scores(q, k)
+    if softcap:
+        s = softcap * jnp.tanh(s / softcap)
     s = jnp.where(mask[:, None, None], s, NEG_INF)
     p = jnp.exp(s - s.max(-1, keepdims=True))
     p = (p / p.sum(-1, keepdims=True)).astype(dt)
@@ -100,16 +109,21 @@ def _core_fwd(q, k, v, mask):
     return o, (q, k, v, p, o)
 
 
-def _core_bwd(res, do):
+def _core_bwd(softcap, res, do):
     """Standard softmax-attention gradients from the saved (compute-dtype) probabilities;
-    every GEMM takes compute-dtype operands with float32 accumulation."""
+    every GEMM takes compute-dtype operands with float32 accumulation. With a softcap the
+    score gradient is scaled by 1 - tanh^2 of the raw scores (recomputed: one more GEMM rather
+    than a saved [.., T, S] float32 tensor)."""
     q, k, v, p, o = res
     dt = q.dtype
     f32 = jnp.float32
     dv = jnp.einsum("bkgts,bkgth->bksh", p, do, preferred_element_type=f32)
     dp = jnp.einsum("bkgth,bksh->bkgts", do, v, preferred_element_type=f32)
     delta = (do.astype(f32) * o.astype(f32)).sum(-1, keepdims=True)
-    ds = (p.astype(f32) * (dp - delta)).astype(dt)
+    ds = p.astype(f32) * (dp - delta)
+    if softcap:
+        ds = ds * (1.0 - jnp.square(jnp.tanh(_scores(q, k) / softcap)))
+    ds = ds.astype(dt)
     dq = jnp.einsum("bkgts,bksh->bkgth", ds, k, preferred_element_type=f32)
     dk = jnp.einsum("bkgts,bkgth->bksh", ds, q, preferred_element_type=f32)
     return (

@@ -1,9 +1,13 @@
-"""ModelConfig: the architecture of one decoder, read from and written back to HF config.json.
+"""ModelConfig: the architecture of one decoder as generic flags, read from and written back
+to HF config.json.
 
-Reads both config.json styles found in the wild: transformers 4.x (top-level `rope_theta`,
-`rope_scaling`) and 5.x (`rope_parameters` with `rope_theta` inside). Anything the decoder does
-not implement (MoE, an unknown rope type, an unknown model_type) is refused with a UserError
-that names the key.
+The decoder reads only these flags; which flags a checkpoint sets is decided by its family
+module (jaxsft/models/families/: one small file per family, registered by model_type), which
+reads the family's config.json keys and writes them back. This file holds the keys every
+family shares. Both config.json styles found in the wild are read: transformers 4.x (top-level
+`rope_theta`, `rope_scaling`) and 5.x (`rope_parameters` with `rope_theta` inside). Anything
+the decoder does not implement (MoE, an unknown rope type, activation or model_type) is
+refused with a UserError that names the key.
 """
 
 from __future__ import annotations
@@ -15,13 +19,9 @@ import os
 
 from jaxsft.errors import UserError
 
-SUPPORTED_TYPES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
 SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
+# hidden_act values the decoder implements (transformers' ACT2FN names).
+ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh", "gelu_new", "gelu")
 MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
 
 
@@ -46,7 +46,22 @@ class ModelConfig:
     qkv_bias: bool = False  # q/k/v projections have a bias (Qwen2, Llama attention_bias)
     o_bias: bool = False  # o_proj has a bias (Llama attention_bias)
     mlp_bias: bool = False
-    qk_norm: bool = False  # RMSNorm over head_dim on q and k (Qwen3)
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k (Qwen3, Gemma 3)
+    hidden_act: str = "silu"  # MLP activation (transformers' name)
+    # RMSNorm computes x_hat * (norm_offset + w); Gemma stores w - 1 (offset 1, multiplied in
+    # float32 before the cast, as its RMSNorm does). 0: Llama's x_hat * w.
+    norm_offset: float = 0.0
+    # Gemma 2/3: a norm on the attention output and on the MLP output before each residual add,
+    # and a separate pre-MLP norm (pre_feedforward_layernorm).
+    post_norms: bool = False
+    embed_scale: bool = False  # Gemma: embeddings x sqrt(D), rounded to the compute dtype
+    query_scale: float | None = None  # softmax scale of q.k; None: head_dim ** -0.5
+    attn_softcap: float | None = None  # scores -> c * tanh(scores / c) (Gemma 2)
+    final_softcap: float | None = None  # logits -> c * tanh(logits / c) (Gemma 2)
+    # RoPE of the windowed layers when it differs from the others' (Gemma 3: theta 10k local,
+    # 1M global with its own scaling); None: every layer uses rope_theta / rope_scaling.
+    local_rope_theta: float | None = None
+    local_rope_scaling: dict | None = None
     sliding_window: int | None = None  # Mistral; None means full causal attention
     # Which layers use the window (Qwen: layers >= max_window_layers, or HF `layer_types`);
     # None: every layer, when sliding_window is set.
@@ -59,8 +74,11 @@ class ModelConfig:
     hf_config: dict | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __hash__(self) -> int:  # rope_scaling is a dict; hash its JSON
-        fields = dataclasses.astuple(dataclasses.replace(self, rope_scaling=None, hf_config=None))
-        return hash((fields, json.dumps(self.rope_scaling, sort_keys=True)))
+        plain = dataclasses.replace(
+            self, rope_scaling=None, local_rope_scaling=None, hf_config=None
+        )
+        dicts = (self.rope_scaling, self.local_rope_scaling)
+        return hash((dataclasses.astuple(plain), json.dumps(dicts, sort_keys=True)))
 
     @property
     def rope_type(self) -> str:
@@ -94,14 +112,24 @@ class ModelConfig:
                     hf = json.load(f)
             except (OSError, json.JSONDecodeError) as e:
                 raise UserError(f"cannot read config.json: {e}", where=path) from None
-        return _parse(hf, where)
+        from jaxsft.models import families
+
+        return families.parse(hf, where)
+
+    @property
+    def architecture(self) -> str:
+        from jaxsft.models import families
+
+        return families.family_of(self.model_type).ARCHITECTURES[self.model_type]
 
     def to_hf(self, dtype: str | None = None) -> dict:
         """The config.json dict, in the style of the checkpoint it came from; `dtype` (default:
         the source's) goes under the key that style uses (torch_dtype in 4.x, dtype in 5.x)."""
+        from jaxsft.models import families
+
         hf = copy.deepcopy(self.hf_config) if self.hf_config else {}
         hf.update(
-            architectures=[SUPPORTED_TYPES[self.model_type]],
+            architectures=[self.architecture],
             model_type=self.model_type,
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
@@ -113,96 +141,90 @@ class ModelConfig:
             rms_norm_eps=self.rms_norm_eps,
             max_position_embeddings=self.max_position_embeddings,
             tie_word_embeddings=self.tie_word_embeddings,
-            hidden_act="silu",
         )
-        if self.model_type == "llama":
-            hf.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
-        if self.model_type in ("mistral", "qwen2", "qwen3") or self.sliding_window:
-            hf["sliding_window"] = self.sliding_window
-        if self.model_type in ("qwen2", "qwen3") and self.sliding_window:
-            hf["use_sliding_window"] = True
         if self.bos_token_id is not None:
             hf["bos_token_id"] = self.bos_token_id
         if self.eos_token_ids:
             eos = list(self.eos_token_ids)
             hf["eos_token_id"] = eos[0] if len(eos) == 1 else eos
-        rope = dict(self.rope_scaling or {"rope_type": "default"})
-        if "rope_parameters" in hf or not self.hf_config:  # transformers 5.x style
-            hf["rope_parameters"] = {**rope, "rope_theta": self.rope_theta}
-            hf.pop("rope_theta", None)
-            hf.pop("rope_scaling", None)
-        else:  # transformers 4.x style
-            hf["rope_theta"] = self.rope_theta
-            hf["rope_scaling"] = self.rope_scaling
+        write_rope(hf, self.rope_theta, self.rope_scaling, new_style=self._new_style())
+        families.family_of(self.model_type).write(self, hf)
         dtype_key = "torch_dtype" if "torch_dtype" in (self.hf_config or {}) else "dtype"
         hf[dtype_key] = dtype or self.source_dtype
         return hf
 
+    def _new_style(self) -> bool:
+        """Whether config.json is written in the transformers 5.x style (rope_parameters)."""
+        return not self.hf_config or "rope_parameters" in self.hf_config
 
-def _parse(hf: dict, where: str) -> ModelConfig:
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_TYPES:
-        raise UserError(
-            f"model_type {model_type!r} is not supported",
-            where=where,
-            hint=f"supported: {', '.join(SUPPORTED_TYPES)}",
-        )
+
+def write_rope(hf: dict, theta: float, scaling: dict | None, *, new_style: bool) -> None:
+    """RoPE keys in either style: 5.x rope_parameters, or 4.x rope_theta + rope_scaling."""
+    if new_style:
+        hf["rope_parameters"] = {**(scaling or {"rope_type": "default"}), "rope_theta": theta}
+        hf.pop("rope_theta", None)
+        hf.pop("rope_scaling", None)
+    else:
+        hf["rope_theta"] = theta
+        hf["rope_scaling"] = scaling
+
+
+def common_fields(hf: dict, where: str) -> dict:
+    """ModelConfig fields every family reads the same way (KeyError for a missing key)."""
     for key in MOE_KEYS:
         if hf.get(key):
             raise UserError(f"mixture-of-experts key {key!r} is not supported", where=where)
-    try:
-        num_heads = int(hf["num_attention_heads"])
-        hidden = int(hf["hidden_size"])
-        rope_theta, rope_scaling = _read_rope(hf, where)
-        sliding, sliding_layers = _read_window(hf, model_type)
-        eos = hf.get("eos_token_id")
-        eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
-        attention_bias = bool(hf.get("attention_bias", False))
-        return ModelConfig(
-            model_type=model_type,
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(hf["intermediate_size"]),
-            num_layers=int(hf["num_hidden_layers"]),
-            num_heads=num_heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-            head_dim=int(hf.get("head_dim") or hidden // num_heads),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or attention_bias,
-            o_bias=model_type == "llama" and attention_bias,
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
-            sliding_window=int(sliding) if sliding else None,
-            sliding_layers=sliding_layers,
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=eos,
-            pad_token_id=hf.get("pad_token_id"),
-            source_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
-            hf_config=copy.deepcopy(hf),
+    num_heads = int(hf["num_attention_heads"])
+    hidden = int(hf["hidden_size"])
+    rope_theta, rope_scaling = read_rope(hf, where)
+    eos = hf.get("eos_token_id")
+    eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
+    return dict(
+        model_type=hf["model_type"],
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(hf["intermediate_size"]),
+        num_layers=int(hf["num_hidden_layers"]),
+        num_heads=num_heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+        head_dim=int(hf.get("head_dim") or hidden // num_heads),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        hidden_act=read_activation(hf, where),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos,
+        pad_token_id=hf.get("pad_token_id"),
+        source_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
+        hf_config=copy.deepcopy(hf),
+    )
+
+
+def read_activation(hf: dict, where: str, key: str = "hidden_act", default="silu") -> str:
+    """The MLP activation; one the decoder does not implement is refused naming the key."""
+    act = hf.get(key) or default
+    if act not in ACTIVATIONS:
+        raise UserError(
+            f"activation {act!r} (key {key}) is not supported",
+            where=where,
+            hint=f"supported: {', '.join(ACTIVATIONS)}",
         )
-    except KeyError as e:
-        raise UserError(f"missing key {e.args[0]!r}", where=where) from None
-    except (TypeError, ValueError) as e:
-        raise UserError(f"bad value: {e}", where=where) from None
+    return act
 
 
-def _read_window(hf: dict, model_type: str) -> tuple[int | None, tuple[bool, ...] | None]:
-    """(sliding window, per-layer use of it) as transformers resolves them."""
+def read_window(hf: dict, default_layers=None) -> tuple[int | None, tuple[bool, ...] | None]:
+    """(sliding window, per-layer use of it: None for every layer) from `sliding_window` and
+    HF's `layer_types`, else `default_layers` (a family's own rule), else every layer."""
     window = hf.get("sliding_window")
-    n = int(hf["num_hidden_layers"])
-    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
-        return None, None
     if not window:
         return None, None
     if hf.get("layer_types"):
         layers = tuple(t == "sliding_attention" for t in hf["layer_types"])
-    elif model_type in ("qwen2", "qwen3"):
-        first = int(hf.get("max_window_layers", 28))
-        layers = tuple(i >= first for i in range(n))
+    elif default_layers is not None:
+        layers = tuple(default_layers)
     else:
         return int(window), None
     if not any(layers):
@@ -210,9 +232,10 @@ def _read_window(hf: dict, model_type: str) -> tuple[int | None, tuple[bool, ...
     return int(window), None if all(layers) else layers
 
 
-def _read_rope(hf: dict, where: str) -> tuple[float, dict | None]:
-    """(rope_theta, scaling dict or None) from either config style."""
-    params = hf.get("rope_parameters")
+def read_rope(hf: dict, where: str, params=None) -> tuple[float, dict | None]:
+    """(rope_theta, scaling dict or None) from either config style (or from `params`, one
+    rope_parameters dict)."""
+    params = hf.get("rope_parameters") if params is None else params
     if params is not None:  # transformers 5.x
         params = dict(params)
         theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))

@@ -75,24 +75,49 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """x / rms(x) * scale, normalised in float32 (as HF does)."""
+    """x / rms(x) * scale, normalised in float32 (as HF does).
 
-    def __init__(self, dim, eps, names=("norm",), *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    offset 0 (Llama, Qwen): cast to x's dtype, then times scale. offset 1 (Gemma, which stores
+    scale - 1): times (1 + scale) in float32, then cast, as Gemma's RMSNorm does.
+    """
+
+    def __init__(
+        self, dim, eps, names=("norm",), *, offset=0.0, param_dtype=jnp.float32, rngs: nnx.Rngs
+    ):
         self.eps = eps
-        self.scale = _param(rngs, (dim,), names, param_dtype, "ones")
+        self.offset = float(offset)
+        self.scale = _param(rngs, (dim,), names, param_dtype, "zeros" if offset else "ones")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
         return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
 
 
 class Embed(nnx.Module):
-    """Token embedding [V, D]."""
+    """Token embedding [V, D]; with `scale`, times sqrt(D) rounded to the compute dtype (as
+    Gemma multiplies by a tensor of its hidden states' dtype)."""
 
-    def __init__(self, vocab, dim, *, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self, vocab, dim, *, scale=False, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs
+    ):
         self.dtype = dtype
+        self.multiplier = float(dim) ** 0.5 if scale else None
         self.embedding = _param(rngs, (vocab, dim), ("vocab", "embed"), param_dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        x = jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        if self.multiplier is not None:
+            x = x * jnp.asarray(self.multiplier, self.dtype)
+        return x
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}

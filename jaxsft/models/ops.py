@@ -52,3 +52,14 @@ def _bwd(spec, compute_dtype, out_dtype, res, g):
 
 
 einsum.defvjp(_fwd, _bwd)
+
+
+def softcap(x, cap: float | None):
+    """cap * tanh(x / cap) (Gemma 2's logit softcapping); identity for cap None."""
+    return x if not cap else cap * jnp.tanh(x / cap)
+
+
+def head_logits(h, kernel, compute_dtype, cap: float | None = None):
+    """The LM head: h [..., D] @ kernel [D, V] -> float32 logits, softcapped when `cap`. The
+    one function the forward, the chunked cross-entropy and generation all use."""
+    return softcap(einsum("...d,dv->...v", h, kernel, compute_dtype, jnp.float32), cap)

@@ -1,9 +1,11 @@
-"""The one decoder for Llama 3.x, Qwen2/2.5, Qwen3 and Mistral.
+"""The one decoder for every supported family (Llama 3.x, Qwen2/2.5/3, Mistral, Gemma 2/3).
 
-Families differ only by ModelConfig flags (q/k/v bias, q/k norm, head_dim, rope scaling, tied
-embeddings, sliding window). Layers are created stacked (leading axis L) and run under
-jax.lax.scan, so compile time does not grow with depth. State paths mirror HF module names:
-`layers.self_attn.q_proj.kernel` is the stacked transpose of
+Families differ only by generic ModelConfig flags (q/k/v bias, q/k norm, head_dim, rope
+scaling, tied embeddings, per-layer sliding window and RoPE, norm offset and post-norms,
+activation, embedding and query scales, softcaps); the decoder never asks which family it runs.
+Layers are created stacked (leading axis L) and run under jax.lax.scan, so compile time does
+not grow with depth; per-layer differences (window, RoPE table) ride in the scan as data.
+State paths mirror HF module names: `layers.self_attn.q_proj.kernel` is the stacked transpose of
 `model.layers.{i}.self_attn.q_proj.weight`.
 """
 
@@ -16,7 +18,7 @@ from flax import nnx
 
 from jaxsft.models import attention, ops
 from jaxsft.models.config import ModelConfig
-from jaxsft.models.layers import Embed, Linear, RMSNorm
+from jaxsft.models.layers import ACTIVATIONS, Embed, Linear, RMSNorm
 from jaxsft.models.lora import LoraConfig
 from jaxsft.models.rope import apply_rope, inv_frequencies, rope_tables
 from jaxsft.sharding import constrain
@@ -49,15 +51,14 @@ class Attention(nnx.Module):
             N * H, D, ("q_heads", "embed"), bias=cfg.o_bias, lora=lora_for("o_proj"), **kw
         )
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(
-                H, cfg.rms_norm_eps, ("head_dim",), param_dtype=param_dtype, rngs=rngs
-            )
-            self.k_norm = RMSNorm(
-                H, cfg.rms_norm_eps, ("head_dim",), param_dtype=param_dtype, rngs=rngs
-            )
+            norm = dict(offset=cfg.norm_offset, param_dtype=param_dtype, rngs=rngs)
+            self.q_norm = RMSNorm(H, cfg.rms_norm_eps, ("head_dim",), **norm)
+            self.k_norm = RMSNorm(H, cfg.rms_norm_eps, ("head_dim",), **norm)
         else:
             self.q_norm = self.k_norm = None
         self.shape = (N, K, H)
+        self.scale = cfg.query_scale or H**-0.5
+        self.softcap = cfg.attn_softcap
 
     def qkv(self, x, cos, sin):
         """x [B, T, D] -> q [B, T, N, H], k, v [B, T, K, H] with RoPE applied."""
@@ -82,23 +83,36 @@ class MLP(nnx.Module):
         self.gate_proj = Linear(D, F, ("embed", "mlp"), lora=lora_for("gate_proj"), **kw)
         self.up_proj = Linear(D, F, ("embed", "mlp"), lora=lora_for("up_proj"), **kw)
         self.down_proj = Linear(F, D, ("mlp", "embed"), lora=lora_for("down_proj"), **kw)
+        self.act = cfg.hidden_act
 
     def __call__(self, x):
-        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        h = ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x)
         return self.down_proj(constrain(h, "batch", None, "mlp"))
 
 
+def block_norms(cfg: ModelConfig) -> tuple[str, ...]:
+    """The RMSNorms of a layer, by HF name. Pre-norm layers: input_layernorm before attention,
+    post_attention_layernorm before the MLP. With post_norms (Gemma): post_attention_layernorm
+    on the attention output, pre_/post_feedforward_layernorm around the MLP."""
+    if cfg.post_norms:
+        return (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        )
+    return ("input_layernorm", "post_attention_layernorm")
+
+
 class Block(nnx.Module):
-    """One pre-norm decoder layer."""
+    """One decoder layer: pre-norm residual attention and MLP (optionally post-normed)."""
 
     def __init__(self, cfg: ModelConfig, lora, dtype, param_dtype, rngs):
-        self.input_layernorm = RMSNorm(
-            cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs
-        )
+        norm = dict(offset=cfg.norm_offset, param_dtype=param_dtype, rngs=rngs)
+        for name in block_norms(cfg):
+            setattr(self, name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm))
+        self.post_norms = cfg.post_norms
         self.self_attn = Attention(cfg, lora, dtype, param_dtype, rngs)
-        self.post_attention_layernorm = RMSNorm(
-            cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs
-        )
         self.mlp = MLP(cfg, lora, dtype, param_dtype, rngs)
 
     def __call__(self, x, cos, sin, mask, impl, kv_cache=None, layer=None, index=None):
@@ -119,10 +133,15 @@ class Block(nnx.Module):
                 jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False).astype(q.dtype)
                 for c in kv_cache
             )
-        o = attention.attend(q, k, v, mask, impl)
+        o = attention.attend(q, k, v, mask, impl, scale=attn.scale, softcap=attn.softcap)
         B, T = x.shape[:2]
-        x = x + attn.o_proj(o.reshape(B, T, -1))
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        h = attn.o_proj(o.reshape(B, T, -1))
+        if self.post_norms:
+            x = x + self.post_attention_layernorm(h)
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        else:
+            x = x + h
+            x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, "batch", None, None), kv_cache
 
 
@@ -149,7 +168,12 @@ class Transformer(nnx.Module):
             attention.default_impl() if attention_impl == "auto" else (attention_impl)
         )
         self.embed_tokens = Embed(
-            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            cfg.vocab_size,
+            cfg.hidden_size,
+            scale=cfg.embed_scale,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
 
         @nnx.split_rngs(splits=cfg.num_layers)
@@ -158,7 +182,13 @@ class Transformer(nnx.Module):
             return Block(cfg, lora, dtype, param_dtype, rngs)
 
         self.layers = make_layers(rngs)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.norm = RMSNorm(
+            cfg.hidden_size,
+            cfg.rms_norm_eps,
+            offset=cfg.norm_offset,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -170,10 +200,10 @@ class Transformer(nnx.Module):
                 param_dtype=param_dtype,
                 rngs=rngs,
             )
-        inv_freq, factor = inv_frequencies(
-            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
-        )
-        self.rope = (tuple(inv_freq.tolist()), factor)  # static: plain floats
+        self.rope = _rope(cfg, cfg.rope_theta, cfg.rope_scaling)
+        self.local_rope = None  # the windowed layers' RoPE when it differs (Gemma 3)
+        if cfg.local_rope_theta is not None and cfg.sliding_layers:
+            self.local_rope = _rope(cfg, cfg.local_rope_theta, cfg.local_rope_scaling)
 
     def __call__(self, input_ids, positions=None, segment_ids=None):
         return self.logits(self.hidden(input_ids, positions, segment_ids))
@@ -191,8 +221,8 @@ class Transformer(nnx.Module):
         return self.norm(x)
 
     def logits(self, h):
-        """[B, T, D] -> float32 logits [B, T, V]."""
-        return ops.einsum("btd,dv->btv", h, self.unembed_kernel(), h.dtype, jnp.float32)
+        """[B, T, D] -> float32 logits [B, T, V] (the LM head: ops.head_logits)."""
+        return ops.head_logits(h, self.unembed_kernel(), h.dtype, self.cfg.final_softcap)
 
     def unembed_kernel(self):
         """[D, V]: lm_head, or the transposed embedding when tied."""
@@ -247,7 +277,9 @@ class Transformer(nnx.Module):
         copies the whole cache several times per step.
         """
         x = constrain(self.embed_tokens(input_ids), "batch", None, None)
-        cos, sin = rope_tables(positions, np.asarray(self.rope[0]), self.rope[1])
+        tables = rope_tables(positions, np.asarray(self.rope[0]), self.rope[1])
+        if self.local_rope is not None:
+            local = rope_tables(positions, np.asarray(self.local_rope[0]), self.local_rope[1])
         graphdef, state = nnx.split(self.layers)
         impl = self.attention_impl
         windowed = jnp.asarray(self.cfg.sliding_layers or (False,) * self.cfg.num_layers)
@@ -257,6 +289,10 @@ class Transformer(nnx.Module):
             x, kv = carry
             layer_state, use_window, layer = xs
             mask = masks[0] if len(masks) == 1 else jnp.where(use_window, masks[1], masks[0])
+            cos, sin = tables
+            if self.local_rope is not None:
+                pairs = zip(local, tables, strict=True)
+                cos, sin = (jnp.where(use_window, lt, gt) for lt, gt in pairs)
             block = nnx.merge(graphdef, layer_state)
             return block(x, cos, sin, mask, impl, kv, layer, index), None
 
@@ -264,3 +300,9 @@ class Transformer(nnx.Module):
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         xs = (state, windowed, layer_ids)
         return jax.lax.scan(body, (x, kv), xs, unroll=self.unroll)[0]
+
+
+def _rope(cfg: ModelConfig, theta: float, scaling: dict | None):
+    """(inverse frequencies as plain floats, attention factor): static, hashable."""
+    inv_freq, factor = inv_frequencies(cfg.head_dim, theta, scaling, cfg.max_position_embeddings)
+    return tuple(inv_freq.tolist()), factor

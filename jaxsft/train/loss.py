@@ -28,12 +28,15 @@ def shift_targets(input_ids, loss_mask, segment_ids):
     return targets, (next_mask * same).astype(jnp.float32)
 
 
-def chunked_xent(h, kernel, targets, weights, *, chunk: int, dtype, base=None, kl_beta=0.0):
+def chunked_xent(
+    h, kernel, targets, weights, *, chunk: int, dtype, base=None, kl_beta=0.0, softcap=None
+):
     """Sums over supervised tokens: {"loss_sum", "count", "correct", "kl_sum", "objective_sum"}.
 
     h [B, T, D] final hidden states, kernel [D, V] the unembedding, targets/weights [B, T].
-    `base` = (h_base [B, T, D], kernel_base) adds KL(p || p_base) per supervised token.
-    Logits and log-softmax are float32.
+    Each chunk's logits come from the model's LM head (ops.head_logits, with the final-logit
+    `softcap`). `base` = (h_base [B, T, D], kernel_base) adds KL(p || p_base) per supervised
+    token. Logits and log-softmax are float32.
     """
     B, T, D = h.shape
     n = B * T
@@ -56,9 +59,9 @@ def chunked_xent(h, kernel, targets, weights, *, chunk: int, dtype, base=None, k
 
     def compute(xc):
         if base is None:
-            loss, correct = xent_chunk(xc["h"], kernel, xc["t"], xc["w"], dtype)
+            loss, correct = xent_chunk(xc["h"], kernel, xc["t"], xc["w"], dtype, softcap)
             return {"loss_sum": loss, "correct": correct, "kl_sum": zero}
-        return _xent_kl_chunk(xc, kernel, base[1], dtype)
+        return _xent_kl_chunk(xc, kernel, base[1], dtype, softcap)
 
     def body(acc, xc):
         out = jax.lax.cond(
@@ -91,14 +94,14 @@ def _int_zeros(x):
     return np.zeros(x.shape, dtype=jax.dtypes.float0)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def xent_chunk(h, kernel, targets, weights, dtype):
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def xent_chunk(h, kernel, targets, weights, dtype, softcap=None):
     """(sum of weighted CE, weighted count of argmax hits) for h [c, D], kernel [D, V]."""
-    return _xent_forward(h, kernel, targets, weights, dtype)[0]
+    return _xent_forward(h, kernel, targets, weights, dtype, softcap)[0]
 
 
-def _xent_forward(h, kernel, targets, weights, dtype):
-    logits = ops.einsum("cd,dv->cv", h, kernel, dtype, jnp.float32)
+def _xent_forward(h, kernel, targets, weights, dtype, softcap):
+    logits = ops.head_logits(h, kernel, dtype, softcap)
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
     loss = ((lse - target_logit) * weights).sum()
@@ -106,17 +109,21 @@ def _xent_forward(h, kernel, targets, weights, dtype):
     return (loss, correct), lse
 
 
-def _xent_fwd(h, kernel, targets, weights, dtype):
-    out, lse = _xent_forward(h, kernel, targets, weights, dtype)
+def _xent_fwd(h, kernel, targets, weights, dtype, softcap):
+    out, lse = _xent_forward(h, kernel, targets, weights, dtype, softcap)
     return out, (h, kernel, targets, weights, lse)
 
 
-def _xent_bwd(dtype, res, g):
+def _xent_bwd(dtype, softcap, res, g):
+    """softmax - onehot on the recomputed logits; through the softcap, times 1 - tanh^2."""
     h, kernel, targets, weights, lse = res
-    logits = ops.einsum("cd,dv->cv", h, kernel, dtype, jnp.float32)
+    logits = ops.head_logits(h, kernel, dtype, softcap)
     probs = jnp.exp(logits - lse[:, None])
     onehot = jnp.arange(logits.shape[-1])[None, :] == targets[:, None]
-    dlogits = (jnp.where(onehot, probs - 1.0, probs) * (weights * g[0])[:, None]).astype(dtype)
+    dlogits = jnp.where(onehot, probs - 1.0, probs) * (weights * g[0])[:, None]
+    if softcap:
+        dlogits = dlogits * (1.0 - jnp.square(logits / softcap))
+    dlogits = dlogits.astype(dtype)
     h_c, k_c = h.astype(dtype), kernel.astype(dtype)
     dh = jnp.einsum("cv,dv->cd", dlogits, k_c, preferred_element_type=jnp.float32)
     dk = jnp.einsum("cd,cv->dv", h_c, dlogits, preferred_element_type=jnp.float32)
@@ -126,16 +133,14 @@ def _xent_bwd(dtype, res, g):
 xent_chunk.defvjp(_xent_fwd, _xent_bwd)
 
 
-@partial(jax.checkpoint, static_argnums=(3,))
-def _xent_kl_chunk(xc, kernel, base_kernel, dtype):
+@partial(jax.checkpoint, static_argnums=(3, 4))
+def _xent_kl_chunk(xc, kernel, base_kernel, dtype, softcap):
     """CE plus KL(p || p_base) for one chunk (autodiff; only used with train.kl_to_base)."""
-    logits = ops.einsum("cd,dv->cv", xc["h"], kernel, dtype, jnp.float32)
+    logits = ops.head_logits(xc["h"], kernel, dtype, softcap)
     logp = jax.nn.log_softmax(logits, axis=-1)
     tgt = jnp.take_along_axis(logp, xc["t"][:, None], axis=-1)[:, 0]
     wc = xc["w"]
-    logp_b = jax.nn.log_softmax(
-        ops.einsum("cd,dv->cv", xc["hb"], base_kernel, dtype, jnp.float32), axis=-1
-    )
+    logp_b = jax.nn.log_softmax(ops.head_logits(xc["hb"], base_kernel, dtype, softcap), axis=-1)
     kl = (jnp.exp(logp) * (logp - jax.lax.stop_gradient(logp_b))).sum(-1)
     return {
         "loss_sum": -(tgt * wc).sum(),

@@ -50,6 +50,7 @@ def make_loss_fn(graphdef, *, chunk: int, kl_beta: float = 0.0, lora: bool = Fal
             dtype=model.dtype,
             base=base,
             kl_beta=kl_beta,
+            softcap=model.cfg.final_softcap,
         )
         return sums["objective_sum"], sums
 
