@@ -106,7 +106,7 @@ def _core_fwd(q, k, v, mask, softcap):
     p = jnp.exp(s - s.max(-1, keepdims=True))
     p = (p / p.sum(-1, keepdims=True)).astype(dt)
     o = jnp.einsum("bkgts,bksh->bkgth", p, v, preferred_element_type=jnp.float32).astype(dt)
-    return o, (q, k, v, p, o)
+    return o, (q, k, v, p, o, mask.any(-1))
 
 
 def _core_bwd(softcap, res, do):
@@ -114,7 +114,7 @@ def _core_bwd(softcap, res, do):
     every GEMM takes compute-dtype operands with float32 accumulation. With a softcap the
     score gradient is scaled by 1 - tanh^2 of the raw scores (recomputed: one more GEMM rather
     than a saved [.., T, S] float32 tensor)."""
-    q, k, v, p, o = res
+    q, k, v, p, o, live = res
     dt = q.dtype
     f32 = jnp.float32
     dv = jnp.einsum("bkgts,bkgth->bksh", p, do, preferred_element_type=f32)
@@ -123,7 +123,9 @@ def _core_bwd(softcap, res, do):
     ds = p.astype(f32) * (dp - delta)
     if softcap:
         ds = ds * (1.0 - jnp.square(jnp.tanh(_scores(q, k) / softcap)))
-    ds = ds.astype(dt)
+    # A query row that sees no key (decode's padding) has a uniform softmax over masked keys
+    # in the forward; its scores do not depend on q or k, so no gradient flows from it.
+    ds = jnp.where(live[:, None, None, :, None], ds, 0.0).astype(dt)
     dq = jnp.einsum("bkgts,bksh->bkgth", ds, k, preferred_element_type=f32)
     dk = jnp.einsum("bkgts,bkgth->bksh", ds, q, preferred_element_type=f32)
     return (
