@@ -252,7 +252,7 @@ def _check_data_specs(data, where):
 
 
 def _check_lora(cfg, where):
-    from jaxsft.models.lora import ALL_TARGETS
+    from jaxsft.models.lora import TARGET_NAMES as ALL_TARGETS
 
     bad = [t for t in cfg.lora.targets if t not in ALL_TARGETS]
     if bad:

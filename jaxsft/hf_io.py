@@ -33,12 +33,17 @@ DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.f
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One HF tensor family: `hf_key` (with {i} for the layer) <-> state `path`."""
+    """One HF tensor family: `hf_key` (with {i} for the layer) <-> state `path`.
+
+    rows: this variable is rows [start, stop) (HF axis 0) of a fused HF tensor (Phi's
+    qkv_proj, gate_up_proj): split on import, concatenated with the other parts on export.
+    """
 
     hf_key: str
     path: tuple[str, ...]
     transpose: bool  # HF nn.Linear weight [out, in] vs kernel [in, out]
     stacked: bool  # one HF tensor per layer, stacked on axis 0 here
+    rows: tuple[int, int] | None = None
 
 
 def weight_table(cfg: ModelConfig) -> list[Entry]:
@@ -137,6 +142,7 @@ def load_hf(
     graphdef, state = nnx.split(model)
     devices = mesh if mesh is not None else _single_device_mesh()
     with SafetensorsReader(path) as reader:
+        _check_fused(reader, weight_table(cfg), cfg)
         for entry in weight_table(cfg):
             var = _variable(state, entry.path)
             var.set_value(_load_entry(reader, entry, var, cfg, devices))
@@ -164,6 +170,23 @@ def _sharding(var, mesh):
     return named_sharding(mesh, names, var.get_value().shape)
 
 
+def _check_fused(reader, table: list[Entry], cfg: ModelConfig):
+    """A fused HF tensor has exactly the rows its parts take."""
+    total: dict[str, int] = {}
+    for e in table:
+        if e.rows is not None:
+            total[e.hf_key] = max(total.get(e.hf_key, 0), e.rows[1])
+    for key, rows in total.items():
+        for k in hf_keys(Entry(key, (), False, "{i}" in key), cfg.num_layers):
+            got = reader.shape(k)
+            if got[0] != rows:
+                raise UserError(
+                    f"fused tensor {k!r} has {got[0]} rows, the config implies {rows}",
+                    where=reader.file_of(k),
+                    hint="config.json and the weights do not match",
+                )
+
+
 def _load_entry(reader, entry: Entry, var, cfg: ModelConfig, mesh):
     shape = tuple(var.get_value().shape)
     dtype = var.get_value().dtype
@@ -171,7 +194,9 @@ def _load_entry(reader, entry: Entry, var, cfg: ModelConfig, mesh):
     want = shape[1:] if entry.stacked else shape
     want_hf = want[::-1] if entry.transpose else want
     for k in keys:
-        got = reader.shape(k)
+        got = list(reader.shape(k))
+        if entry.rows is not None:  # a part of a fused tensor (rows checked by _check_fused)
+            got[0] = want_hf[0]
         if tuple(got) != tuple(want_hf):
             raise UserError(
                 f"tensor {k!r} has shape {list(got)}, the config implies {list(want_hf)}",
@@ -181,6 +206,10 @@ def _load_entry(reader, entry: Entry, var, cfg: ModelConfig, mesh):
 
     def read(k, index):  # index: tuple of slices over the jaxsft (un-stacked) shape
         hf_index = index[::-1] if entry.transpose else index
+        if entry.rows is not None:  # shift the row slice into the part's rows
+            lo, hi = entry.rows
+            first = range(lo, hi)[hf_index[0]]
+            hf_index = (slice(first.start, first.stop), *hf_index[1:])
         arr = reader.slice(k, hf_index)
         return (arr.T if entry.transpose else arr).astype(dtype)
 
@@ -296,14 +325,31 @@ class SafetensorsReader(contextlib.AbstractContextManager):
 
 
 def hf_tensors(state, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray, Entry]]:
-    """(HF key, host array in HF layout, entry) for every tensor of the table, one at a time."""
+    """(HF key, host array in HF layout, entry) for every tensor of the table, one at a time;
+    the parts of a fused tensor are concatenated (entry: its first part)."""
+    groups: list[list[Entry]] = []
     for entry in weight_table(cfg):
-        value = _variable(state, entry.path)
-        value = value.get_value() if isinstance(value, nnx.Variable) else value
-        if entry.stacked:
-            for i, key in enumerate(hf_keys(entry, cfg.num_layers)):
-                arr = np.asarray(jax.device_get(value[i]))
-                yield key, (arr.T if entry.transpose else arr), entry
+        if groups and entry.rows is not None and groups[-1][0].hf_key == entry.hf_key:
+            groups[-1].append(entry)
         else:
-            arr = np.asarray(jax.device_get(value))
-            yield entry.hf_key, (arr.T if entry.transpose else arr), entry
+            groups.append([entry])
+    for group in groups:
+        values = [_variable(state, e.path) for e in group]
+        values = [v.get_value() if isinstance(v, nnx.Variable) else v for v in values]
+        first = group[0]
+        if first.stacked:
+            for i, key in enumerate(hf_keys(first, cfg.num_layers)):
+                yield key, _hf_layout([v[i] for v in values], group), first
+        else:
+            yield first.hf_key, _hf_layout(values, group), first
+
+
+def _hf_layout(values, group: list[Entry]) -> np.ndarray:
+    arrays = [np.asarray(jax.device_get(v)) for v in values]
+    arrays = [a.T if e.transpose else a for a, e in zip(arrays, group, strict=True)]
+    if len(arrays) == 1:
+        return arrays[0]
+    shape = (sum(a.shape[0] for a in arrays), *arrays[0].shape[1:])
+    if all(a.size == 0 or not any(a.strides) for a in arrays):  # planning: shapes only
+        return np.broadcast_to(np.zeros((), arrays[0].dtype), shape)
+    return np.concatenate(arrays, axis=0)

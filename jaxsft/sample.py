@@ -20,6 +20,8 @@ Sampling: temperature 0 is greedy (argmax); otherwise logits / temperature, then
 from __future__ import annotations
 
 import functools
+import json
+import os
 from collections.abc import Sequence
 
 import jax
@@ -81,13 +83,28 @@ def encode_chat(tokenizer, messages: Sequence[dict]) -> list[int]:
 
 
 def stop_ids(model, tokenizer=None, extra: Sequence[int] = ()) -> list[int]:
-    """Every id that ends a reply: model config eos ids, tokenizer eos, `extra` (sorted, unique)."""
+    """Every id that ends a reply: model config eos ids, tokenizer eos, the eos ids of the
+    tokenizer directory's generation_config.json (Gemma's <end_of_turn>, Phi's <|end|> are
+    only there), `extra` (sorted, unique)."""
     ids = set(getattr(model.cfg, "eos_token_ids", ()) or ())
     tok_eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     if tok_eos is not None:
         ids.add(int(tok_eos))
+    ids.update(generation_config_eos(getattr(tokenizer, "name_or_path", None)))
     ids.update(int(i) for i in extra)
     return sorted(ids)
+
+
+def generation_config_eos(directory) -> list[int]:
+    """eos_token_id of DIR/generation_config.json (an int or a list), [] when absent."""
+    path = os.path.join(os.fspath(directory), "generation_config.json") if directory else ""
+    try:
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return []
+    eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    return [int(i) for i in eos if isinstance(i, int)]
 
 
 def generate_ids(
@@ -221,8 +238,11 @@ def _generate(
     pick = functools.partial(
         select_token, temperature=temperature, top_p=top_p, greedy=greedy, use_top_p=use_top_p
     )
-    cache = model.init_cache(B, P + max_new)
-    last_logits, cache = _prefill(model, ids, pos, seg, cache)
+    switch = longrope_switch(model)
+    S = P + max_new if switch is None else bucket_length(P + max_new, min(PROMPT_BUCKET, P))
+    cache = model.init_cache(B, S)
+    lengths = seg.sum(axis=1) if switch is not None else None  # the prompts, whole
+    last_logits, cache = _prefill(model, ids, pos, seg, cache, lengths)
     first = pick(last_logits, jax.random.fold_in(key, 0))
     out = jnp.full((B, max_new), -1, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, eos)
@@ -235,7 +255,16 @@ def _generate(
 
     def body(carry):
         step, out, done, token, p, cache = carry
-        logits, cache = model.decode(token[:, None], p[:, None], ones, cache)
+        lengths = None
+        if switch is not None:  # LongRoPE: re-encode a row's past when it crosses the switch
+            lengths = p + 1
+            cache = jax.lax.cond(
+                jnp.any(p == switch),
+                lambda c: _reencode(model, ids, pos, seg, out, step, S, lengths),
+                lambda c: c,
+                cache,
+            )
+        logits, cache = model.decode(token[:, None], p[:, None], ones, cache, lengths)
         new = pick(logits[:, -1], jax.random.fold_in(key, step))
         new = jnp.where(done, -1, new)
         out = jax.lax.dynamic_update_slice_in_dim(out, new[:, None], step, axis=1)
@@ -246,14 +275,38 @@ def _generate(
     return jax.lax.while_loop(cond, body, carry)[1]
 
 
-def _prefill(model, ids, pos, seg, cache):
+def longrope_switch(model) -> int | None:
+    """The sequence length past which a LongRoPE model uses its long factors (None: no
+    LongRoPE). transformers' Phi-3 generate then re-encodes the whole sequence with them once
+    (prepare_inputs_for_generation drops the cache at the switch); so does _generate."""
+    long = model.rope[2]
+    return None if long is None else int(long[1])
+
+
+def _reencode(model, ids, pos, seg, out, step, S, lengths):
+    """A fresh cache of the prompts and the tokens generated before `step`'s input token
+    (slots up to P + step - 1), encoded with each row's current length `lengths`."""
+    B, P = ids.shape
+    new = out.shape[1]
+    j = jnp.arange(new, dtype=jnp.int32)[None]
+    gen_seg = ((j < step - 1) & (out >= 0)).astype(jnp.int32)
+    pad = S - P - new
+    buf = [
+        jnp.concatenate([x, y, jnp.zeros((B, pad), jnp.int32)], axis=1)
+        for x, y in ((ids, jnp.maximum(out, 0)), (pos, pos[:, -1:] + 1 + j), (seg, gen_seg))
+    ]
+    _, cache = _prefill(model, *buf, model.init_cache(B, S), lengths)
+    return {**cache, "index": jnp.int32(P) + step - 1}
+
+
+def _prefill(model, ids, pos, seg, cache, lengths=None):
     """Prompt through the cache in chunks of PROMPT_BUCKET tokens -> (last logits [B, V], cache)."""
     B, P = ids.shape
     C = min(PROMPT_BUCKET, P)
     chunks = [x.reshape(B, P // C, C).swapaxes(0, 1) for x in (ids, pos, seg)]
 
     def body(cache, xs):
-        logits, cache = model.decode(*xs, cache)
+        logits, cache = model.decode(*xs, cache, lengths)
         return cache, logits[:, -1]
 
     cache, last = jax.lax.scan(body, cache, tuple(chunks))

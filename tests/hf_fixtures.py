@@ -18,6 +18,10 @@ One checkpoint per family and per quirk the loader must handle:
 - `gemma3`: Gemma3ForCausalLM (gemma3_text): q/k norms with offset, windowed layers 0 and 1
   with RoPE theta 10k, the global layer 2 with theta 1M and linear scaling x8 (5.x per-layer-
   type rope_parameters), no softcaps;
+- `phi3`: Phi-3.5-mini layout (fused qkv_proj and gate_up_proj, split on import and fused on
+  export) with LongRoPE whose switch (original_max_position_embeddings 12) lies between the
+  padded rows (24, 15 tokens: long factors) and the packed segments (11, 4, 7: short);
+- `phi4mini`: Phi-4-mini layout: the same plus partial rotary 0.75 and tied embeddings;
 - `gemma3_4x_config`: the same model with its config.json in the 4.x style (rope_theta,
   rope_scaling, rope_local_base_freq, sliding_window_pattern instead of layer_types).
 
@@ -47,6 +51,8 @@ FAMILIES = (
     "gemma2",
     "gemma3",
     "gemma3_4x_config",
+    "phi3",
+    "phi4mini",
 )
 # Built on demand by the tests that need them, not part of the per-family parity set.
 EXTRA = ("qwen2_layer_window",)
@@ -64,6 +70,7 @@ LLAMA3_ROPE = {
 }
 ROPE_THETA = 500000.0
 MISTRAL_WINDOW = 8
+PHI_ORIGINAL_MAX = 12
 
 _COMMON = dict(
     vocab_size=VOCAB,
@@ -157,10 +164,30 @@ def _hf_config(name: str):
                 "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
             },
         )
+    if name in ("phi3", "phi4mini"):
+        partial = 0.75 if name == "phi4mini" else 1.0
+        half = int(16 * partial) // 2
+        rope = {
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0 + 0.1 * i for i in range(half)],
+            "long_factor": [1.5 + 0.7 * i for i in range(half)],
+            "original_max_position_embeddings": PHI_ORIGINAL_MAX,
+            "partial_rotary_factor": partial,
+        }
+        return tf.Phi3Config(
+            **{**_COMMON, "eos_token_id": 2},
+            num_hidden_layers=2,
+            original_max_position_embeddings=PHI_ORIGINAL_MAX,
+            partial_rotary_factor=partial,
+            rope_parameters=rope,
+            tie_word_embeddings=name == "phi4mini",
+        )
     raise KeyError(name)
 
 
 _MODEL_CLASS = {
+    "phi3": "Phi3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
     "llama": "LlamaForCausalLM",

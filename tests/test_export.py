@@ -57,6 +57,7 @@ class Case:
     tokenizer: str  # kind of tokenizers_fixture
     lora: LoraConfig | None = None
     max_shard_bytes: int = 5 * 1024**3
+    peft: bool = True  # False: the PEFT export is refused (fused Phi modules)
 
 
 CASES = {
@@ -75,6 +76,14 @@ CASES = {
     "gemma2": Case("chatml", LoraConfig(rank=4, alpha=8.0)),
     # q/k offset norms, per-layer RoPE, full fine-tuning
     "gemma3": Case("chatml", None),
+    # fused qkv_proj / gate_up_proj split on import and fused again, in ~60 KB shards
+    "phi3": Case("chatml", None, max_shard_bytes=60_000),
+    # LoRA on the fused HF names (separate q/k/v, gate/up adapters); partial rotary, tied
+    "phi4mini": Case(
+        "chatml",
+        LoraConfig(rank=4, alpha=8.0, targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+        peft=False,
+    ),
 }
 MESSAGES = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "hi"}]
 
@@ -196,7 +205,13 @@ def exported(request, hf_checkpoints, tmp_path_factory):
         model, cfg, root / "out" / "hf", tokenizer_dir=source, max_shard_bytes=case.max_shard_bytes
     )
     adapter = None
-    if case.lora is not None:
+    if case.lora is not None and not case.peft:
+        with pytest.raises(UserError, match="fused"):
+            export.export_peft(
+                model, cfg, case.lora, root / "out" / "adapter", base_model_path=source
+            )
+        assert not (root / "out" / "adapter").exists()
+    elif case.lora is not None:
         adapter = export.export_peft(
             model, cfg, case.lora, root / "out" / "adapter", base_model_path=source
         )

@@ -28,8 +28,11 @@ SEGMENTS = (11, 4, 7)  # + 2 pads; 11 > the mistral window of 8
 FP32_TOL = 1e-4
 # bf16 compute (fp32 master weights) against the fp32 reference. Measured on these checkpoints
 # (x86 CPU, jax 0.10.2): 1.5e-2 to 2.0e-2 of the logit scale, the same as transformers' own
-# bf16 forward (1.3e-2 to 2.1e-2); every quirk moves the logits by > 0.3 of the scale.
+# bf16 forward (1.3e-2 to 2.1e-2); every quirk moves the logits by > 0.3 of the scale. The
+# tolerance is 3e-2, or 1.5x transformers' own bf16 error where that is larger (phi3: 2.7e-2,
+# jaxsft 3.7e-2 on one packed segment).
 BF16_TOL = 3e-2
+BF16_VS_HF = 1.5
 
 
 def make_batch(seed: int = 0):
@@ -140,7 +143,8 @@ def test_bf16_parity(hf_checkpoints, references, batch, parity_record, family):
     hf_bf16 = reference(hf_checkpoints[family], ids, seg, dtype="bfloat16")
     hf_err, hf_scale = _measure(hf_bf16, references[family], seg > 0)
     extra = {"hf_bf16_rel_err": hf_err / hf_scale}
-    _check(family, "bfloat16", got, references[family], seg, BF16_TOL, parity_record, **extra)
+    tol = max(BF16_TOL, BF16_VS_HF * hf_err / hf_scale)
+    _check(family, "bfloat16", got, references[family], seg, tol, parity_record, **extra)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
@@ -154,14 +158,17 @@ def test_plain_call(hf_checkpoints, references, batch, family):
     assert err <= FP32_TOL * scale, f"{family}: {err:.3e} > {FP32_TOL:g} * {scale:.3f}"
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3", "phi4mini"])
 def test_decode_with_cache(hf_checkpoints, family):
     """Prefill 12 tokens then decode one at a time (KV cache, window 8 < 20 tokens; Gemma's
     per-layer windows, RoPE and softcaps), with a left-padded second row: the logits equal
-    transformers' full forward."""
+    transformers' full forward. For LongRoPE (phi4mini, switch at 12) the prefill already
+    passes the switch on both rows: a sequence that crosses it during decoding is encoded with
+    short factors first and long ones after, as transformers' generate does too, and then no
+    longer equals one full forward."""
     path = hf_checkpoints[family]
     model, _ = jaxsft.load_hf(path, dtype="float32")
-    n, pad, prefill = 20, 3, 12
+    n, pad, prefill = 20, 3, 16 if family == "phi4mini" else 12
     ids = np.random.RandomState(1).randint(3, VOCAB, (2, n)).astype(np.int32)
     seg = np.ones((2, n), np.int32)
     seg[1, :pad] = 0
@@ -224,6 +231,8 @@ ARCH_KEYS = (
     "query_pre_attn_scalar",
     "attn_logit_softcapping",
     "final_logit_softcapping",
+    "partial_rotary_factor",
+    "original_max_position_embeddings",
 )
 
 

@@ -248,6 +248,43 @@ CONFIGS.update(
     }
 )  # fmt: skip
 
+PHI3 = {
+    "architectures": ["Phi3ForCausalLM"],
+    "model_type": "phi3",
+    "hidden_act": "silu",
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 32,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 131072,
+    "original_max_position_embeddings": 4096,
+    "sliding_window": 262144,
+    "torch_dtype": "bfloat16",
+}
+
+
+def _longrope(half: int) -> dict:
+    return {"type": "longrope", "short_factor": [1.0] * half, "long_factor": [1.5] * half}
+
+
+CONFIGS.update(
+    {
+        "Phi-3.5-mini": {**PHI3, "vocab_size": 32064, "num_attention_heads": 32,
+                         "num_key_value_heads": 32, "tie_word_embeddings": False,
+                         "rope_scaling": _longrope(48)},
+        "Phi-4-mini": {**PHI3, "vocab_size": 200064, "num_attention_heads": 24,
+                       "num_key_value_heads": 8, "partial_rotary_factor": 0.75,
+                       "tie_word_embeddings": True, "sliding_window": 262144,
+                       "rope_scaling": _longrope(48)},
+        "Phi-4": {**PHI3, "vocab_size": 100352, "hidden_size": 5120, "intermediate_size": 17920,
+                  "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 10,
+                  "tie_word_embeddings": False, "rope_theta": 250000.0,
+                  "max_position_embeddings": 16384, "sliding_window": None,
+                  "original_max_position_embeddings": 16384},
+    }
+)  # fmt: skip
+
 PARAM_COUNTS = {
     "Llama-3.1-8B": 8_030_261_248,
     "Llama-3.2-1B": 1_235_814_400,
@@ -261,6 +298,9 @@ PARAM_COUNTS = {
     "Gemma-3-1b": 999_885_952,
     "Gemma-3-4b-text": 3_880_263_168,
     "Gemma-3-27b-text": 27_009_346_304,
+    "Phi-3.5-mini": 3_821_079_552,
+    "Phi-4-mini": 3_836_021_760,
+    "Phi-4": 14_659_507_200,
 }
 
 
@@ -318,7 +358,7 @@ def test_param_count(name):
     assert jaxsft.model_shapes(hf) == params
 
 
-@pytest.mark.parametrize("name", [n for n in CONFIGS if not n.startswith("Gemma")])
+@pytest.mark.parametrize("name", [n for n in CONFIGS if n.startswith(("Llama", "Qwen"))])
 def test_config_reading(name):
     """The architecture fields ModelConfig reads from the published 4.x-style configs."""
     hf = CONFIGS[name]
@@ -347,6 +387,18 @@ def test_gemma_config_reading():
     assert g3.local_rope_scaling is None and g3.qk_norm and g3.final_softcap is None
     for cfg in (g2, g3):
         assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+
+
+def test_phi_config_reading():
+    """LongRoPE with the 4.x top-level original_max_position_embeddings, partial rotary."""
+    mini = ModelConfig.from_hf(CONFIGS["Phi-4-mini"])
+    assert mini.partial_rotary_factor == 0.75 and mini.tie_word_embeddings
+    assert mini.rope_scaling["rope_type"] == "longrope"
+    assert mini.rope_scaling["original_max_position_embeddings"] == 4096
+    assert ModelConfig.from_hf(CONFIGS["Phi-4"]).rope_scaling is None
+    for name in ("Phi-3.5-mini", "Phi-4-mini", "Phi-4"):
+        cfg = ModelConfig.from_hf(CONFIGS[name])
+        assert ModelConfig.from_hf(cfg.to_hf()) == cfg, name
 
 
 def test_logical_axis_names():

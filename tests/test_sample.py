@@ -36,11 +36,13 @@ def cut_at(ids, eos):
 def models(hf_checkpoints):
     return {
         name: jaxsft.load_hf(hf_checkpoints[name])[0]
-        for name in ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3")
+        for name in ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "phi4mini")
     }
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3"])
+@pytest.mark.parametrize(
+    "family", ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "phi4mini"]
+)
 def test_greedy_matches_transformers(family, models, hf_checkpoints):
     """Batched (left-padded) jaxsft greedy == transformers generate(do_sample=False) per row."""
     ps = prompts()
@@ -196,3 +198,16 @@ def test_generate_chat(chat_dir):
     raw = generate_ids(model, [encode_chat(tok, c) for c in convs], NEW, eos)
     assert texts == [tok.decode(r, skip_special_tokens=True) for r in raw]
     assert all(isinstance(t, str) for t in texts)
+
+
+def test_stop_ids_read_generation_config(models, tmp_path):
+    """Gemma's <end_of_turn> and Phi's <|end|> are eos ids only in generation_config.json: a
+    reply stops there too."""
+    import json
+    import types
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 106]}))
+    tok = types.SimpleNamespace(eos_token_id=5, name_or_path=str(tmp_path))
+    assert stop_ids(models["llama"], tok) == sorted({*models["llama"].cfg.eos_token_ids, 1, 5, 106})
+    tok.name_or_path = str(tmp_path / "missing")
+    assert stop_ids(models["llama"], tok) == sorted({*models["llama"].cfg.eos_token_ids, 5})

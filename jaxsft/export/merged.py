@@ -121,7 +121,7 @@ def _plan(model: nnx.Module, cfg: ModelConfig, np_dtype) -> list[Planned]:
     view = _state_view(model, cfg, functools.partial(_planned_fetch, model, np_dtype))
     plan = [Planned(k, a.shape, a.dtype) for k, a, _ in hf_tensors(view, cfg)]
     keys = [p.key for p in plan]
-    expected = [k for e in weight_table(cfg) for k in hf_keys(e, cfg.num_layers)]
+    expected = list(dict.fromkeys(k for e in weight_table(cfg) for k in hf_keys(e, cfg.num_layers)))
     assert len(set(keys)) == len(keys) and sorted(keys) == sorted(expected), "key mismatch"
     assert not any("lora" in k for k in keys)
     return plan

@@ -82,7 +82,7 @@ def adapter_config(cfg: ModelConfig, lora: LoraConfig, base_model_path: str) -> 
         "r": lora.rank,
         "lora_alpha": int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha,
         "use_rslora": lora.rslora,
-        "target_modules": sorted(lora.targets),
+        "target_modules": sorted(lora.modules),
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -123,8 +123,16 @@ def export_peft(
             "a PEFT adapter needs a LoRA run (lora.rank > 0)",
             hint="use --format merged for a full fine-tuning run",
         )
+    if any(e.rows is not None for e, _ in adapted_linears(model, cfg)):
+        raise UserError(
+            "a PEFT adapter for a model with fused q/k/v or gate/up tensors (Phi's qkv_proj, "
+            "gate_up_proj) is not supported yet: jaxsft trains separate q/k/v and gate/up "
+            "adapters, which PEFT cannot hold as one module",
+            where="export.format",
+            hint="use export.format=merged (the adapters merged into the weights)",
+        )
     adapted = {e.path[-2] for e, _ in adapted_linears(model, cfg)}
-    assert adapted == set(lora_cfg.targets), (adapted, lora_cfg.targets)
+    assert adapted == set(lora_cfg.modules), (adapted, lora_cfg.targets)
     np_dtype = np.dtype(DTYPES[dtype])
 
     def plan_fetch(var, i):

@@ -19,7 +19,7 @@ import os
 
 from jaxsft.errors import UserError
 
-SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn", "longrope")
 # hidden_act values the decoder implements (transformers' ACT2FN names).
 ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh", "gelu_new", "gelu")
 MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
@@ -62,6 +62,8 @@ class ModelConfig:
     # 1M global with its own scaling); None: every layer uses rope_theta / rope_scaling.
     local_rope_theta: float | None = None
     local_rope_scaling: dict | None = None
+    # Share of head_dim that is rotated (Phi-4-mini 0.75); the rest passes through.
+    partial_rotary_factor: float = 1.0
     sliding_window: int | None = None  # Mistral; None means full causal attention
     # Which layers use the window (Qwen: layers >= max_window_layers, or HF `layer_types`);
     # None: every layer, when sliding_window is set.

@@ -20,7 +20,7 @@ from jaxsft.models import attention, ops
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.layers import ACTIVATIONS, Embed, Linear, RMSNorm
 from jaxsft.models.lora import LoraConfig
-from jaxsft.models.rope import apply_rope, inv_frequencies, rope_tables
+from jaxsft.models.rope import apply_rope, inv_frequencies, long_frequencies, rope_tables
 from jaxsft.sharding import constrain
 
 REMAT_POLICIES = {
@@ -217,7 +217,7 @@ class Transformer(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
         mask = self._masks(segment_ids, segment_ids, idx, idx)
-        x, _ = self._run_layers(input_ids, positions, mask)
+        x, _ = self._run_layers(input_ids, positions, segment_ids, mask)
         return self.norm(x)
 
     def logits(self, h):
@@ -242,11 +242,12 @@ class Transformer(nnx.Module):
             "index": jnp.zeros((), jnp.int32),
         }
 
-    def decode(self, input_ids, positions, segment_ids, cache):
+    def decode(self, input_ids, positions, segment_ids, cache, lengths=None):
         """Run T new tokens against the cache; returns (logits [B, T, V], updated cache).
 
         Tokens are written at slots [index, index + T); segment id 0 marks padding (left
-        padding of batched prompts), which no token attends to.
+        padding of batched prompts), which no token attends to. lengths [B]: each row's whole
+        sequence length for LongRoPE's short/long choice (default: from these tokens alone).
         """
         T = input_ids.shape[1]
         index = cache["index"]
@@ -255,7 +256,8 @@ class Transformer(nnx.Module):
         k_idx = jnp.arange(seg.shape[1], dtype=jnp.int32)
         valid = (seg != 0)[:, None, :]
         mask = tuple(m & valid for m in self._masks(segment_ids, seg, q_idx, k_idx))
-        x, kv = self._run_layers(input_ids, positions, mask, (cache["k"], cache["v"]), index)
+        kv = (cache["k"], cache["v"])
+        x, kv = self._run_layers(input_ids, positions, segment_ids, mask, kv, index, lengths)
         cache = {"k": kv[0], "v": kv[1], "seg": seg, "index": index + T}
         return self.logits(self.norm(x)), cache
 
@@ -269,7 +271,9 @@ class Transformer(nnx.Module):
             return (full,)
         return full, attention.attention_mask(q_seg, k_seg, q_idx, k_idx, c.sliding_window)
 
-    def _run_layers(self, input_ids, positions, masks, kv=None, index=None):
+    def _run_layers(
+        self, input_ids, positions, segment_ids, masks, kv=None, index=None, lengths=None
+    ):
         """-> (x [B, T, D], kv). masks: (mask,) for every layer, or (full, windowed) per layer.
 
         kv (decode only): the stacked cache (k, v) [L, B, S, K, H]. It rides whole in the scan
@@ -277,9 +281,9 @@ class Transformer(nnx.Module):
         copies the whole cache several times per step.
         """
         x = constrain(self.embed_tokens(input_ids), "batch", None, None)
-        tables = rope_tables(positions, np.asarray(self.rope[0]), self.rope[1])
+        tables = _tables(positions, segment_ids, self.rope, lengths)
         if self.local_rope is not None:
-            local = rope_tables(positions, np.asarray(self.local_rope[0]), self.local_rope[1])
+            local = _tables(positions, segment_ids, self.local_rope, lengths)
         graphdef, state = nnx.split(self.layers)
         impl = self.attention_impl
         windowed = jnp.asarray(self.cfg.sliding_layers or (False,) * self.cfg.num_layers)
@@ -303,6 +307,16 @@ class Transformer(nnx.Module):
 
 
 def _rope(cfg: ModelConfig, theta: float, scaling: dict | None):
-    """(inverse frequencies as plain floats, attention factor): static, hashable."""
-    inv_freq, factor = inv_frequencies(cfg.head_dim, theta, scaling, cfg.max_position_embeddings)
-    return tuple(inv_freq.tolist()), factor
+    """(inverse frequencies, attention factor, LongRoPE's (long frequencies, switch) or None),
+    as plain floats: static, hashable. The rotary dim is head_dim x partial_rotary_factor."""
+    dim = int(cfg.head_dim * cfg.partial_rotary_factor)
+    inv_freq, factor = inv_frequencies(dim, theta, scaling, cfg.max_position_embeddings)
+    long = long_frequencies(dim, theta, scaling, cfg.max_position_embeddings)
+    long = None if long is None else (tuple(long[0].tolist()), long[1])
+    return tuple(inv_freq.tolist()), factor, long
+
+
+def _tables(positions, segment_ids, rope, lengths=None):
+    inv, factor, long = rope
+    long = None if long is None else (np.asarray(long[0]), long[1])
+    return rope_tables(positions, np.asarray(inv), factor, long, segment_ids, lengths)

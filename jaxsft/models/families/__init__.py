@@ -15,9 +15,9 @@ Adding a family is one file here plus its entry in FAMILIES (docs/models.md).
 from __future__ import annotations
 
 from jaxsft.errors import UserError
-from jaxsft.models.families import gemma, llama, mistral, qwen
+from jaxsft.models.families import gemma, llama, mistral, phi, qwen
 
-FAMILIES = (llama, mistral, qwen, gemma)
+FAMILIES = (llama, mistral, qwen, gemma, phi)
 BY_TYPE = {t: f for f in FAMILIES for t in f.MODEL_TYPES}
 
 
