@@ -24,6 +24,7 @@ import numpy as np
 from jaxsft.errors import EXIT_ABORTED, TrainingStopped
 
 HISTORY = 50  # logged losses the running median is taken over
+MULTIHOST_EVERY = 5  # steps between the hosts' agreement on a stop request
 MIN_HISTORY = 3  # logged losses needed before divergence is judged
 
 
@@ -112,12 +113,15 @@ class StopRequest:
             flush=True,
         )
 
-    def requested(self) -> bool:
+    def requested(self, step: int = 0) -> bool:
         """Whether to stop now; on several processes the same answer on all of them (a stop
-        asked on any host), so call it at the same step on every host."""
+        asked on any host), so call it at the same step on every host. The hosts agree every
+        MULTIHOST_EVERY steps (an all-gather waits for the step in flight, so not every step)."""
         local = self.signal_name is not None
         if jax.process_count() == 1:
             return local
+        if step % MULTIHOST_EVERY:
+            return False
         from jax.experimental import multihost_utils
 
         flags = multihost_utils.process_allgather(np.int32(local))

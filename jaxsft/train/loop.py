@@ -109,7 +109,7 @@ def train_loop(config, s: Start, log, guard, end, stop) -> int:
     peak = metrics_lib.peak_flops(tc.get("peak_tflops", 0.0))
     window = Window(guard)
     step = s.step
-    while step < end and not stop.requested():
+    while step < end and not stop.requested(step):
         local = next(data_iter)
         batch = {
             k: jax.make_array_from_process_local_data(trainer.batch_sharding, v)
