@@ -55,6 +55,15 @@ def args_for(assets, run_dir, *extra):
     return root, run_dir, [f"--config.data.train={small}", *COMMON, *extra]
 
 
+def slowed(assets) -> list[str]:
+    """Free keys that make each step slower (a held-out eval after every step) without
+    changing what is trained, so that a signal or a kill lands before the run ends."""
+    return [
+        f"--config.data.eval={os.path.join(assets[0], 'eval.jsonl')}",
+        "--config.train.eval_every=1",
+    ]
+
+
 def start(assets, run_dir, *extra) -> subprocess.Popen:
     root, run_dir, overrides = args_for(assets, run_dir, *extra)
     return subprocess.Popen(
@@ -160,12 +169,17 @@ def test_epoch_plan_covers_every_example_once(assets):
 @pytest.mark.parametrize("point", ["inside_a_step", "during_async_save", "right_after_save"])
 def test_kill_9_resumes_exactly(assets, reference, tmp_path, point):
     run_dir = str(tmp_path / "run")
-    proc = start(assets, run_dir)
+    proc = start(assets, run_dir, *slowed(assets))
     ckpts = os.path.join(run_dir, "checkpoints")
     if point == "inside_a_step":
         wait_for(lambda: logged_steps(run_dir) >= 6, proc)
-    elif point == "during_async_save":
-        wait_for(lambda: os.path.isdir(ckpts) and any("tmp" in n for n in os.listdir(ckpts)), proc)
+    elif point == "during_async_save":  # at the latest when checkpoint 12 is committed
+
+        def saving():
+            names = os.listdir(ckpts) if os.path.isdir(ckpts) else []
+            return any("tmp" in n for n in names) or "12" in names
+
+        wait_for(saving, proc)
     else:
         wait_for(lambda: os.path.isfile(os.path.join(ckpts, "8", "commit_success.txt")), proc)
     proc.send_signal(signal.SIGKILL)
@@ -179,7 +193,7 @@ def test_kill_9_resumes_exactly(assets, reference, tmp_path, point):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_and_exits_75(assets, reference, tmp_path, sig):
     run_dir = str(tmp_path / "run")
-    proc = start(assets, run_dir)
+    proc = start(assets, run_dir, *slowed(assets))
     wait_for(lambda: logged_steps(run_dir) >= 5, proc)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
@@ -387,21 +401,29 @@ def test_disk_full_while_saving(assets, tmp_path, path):
 
 
 @pytest.mark.slow
-def test_one_run_per_run_dir(assets, reference, tmp_path):
+def test_one_run_per_run_dir(assets, tmp_path):
     """A second run on a busy run_dir exits 2 naming the holder; once the first is killed
-    (-9, its lock file left behind) the stale lock does not block a resume."""
+    (-9, its lock file left behind) the stale lock does not block a resume. (The first run is
+    long, so that it is still running when the second starts.)"""
     run_dir = str(tmp_path / "run")
-    first = start(assets, run_dir)
-    wait_for(lambda: logged_steps(run_dir) >= 2, first)
-    second = run(assets, run_dir, check=False)
+    long = ["--config.train.max_steps=100000"]
+    first = start(assets, run_dir, *long)
+    wait_for(
+        lambda: (
+            logged_steps(run_dir) >= 8 and os.path.isdir(os.path.join(run_dir, "checkpoints", "4"))
+        ),
+        first,
+    )
+    second = run(assets, run_dir, *long, check=False)
+    assert first.poll() is None, "the first run ended: the test lost its point"
     assert second.returncode == 2, second.stderr[-2000:]
     assert f"in use by pid {first.pid}" in second.stderr
     assert "Traceback" not in second.stderr
     first.send_signal(signal.SIGKILL)
     first.communicate()
     assert os.path.exists(os.path.join(run_dir, ".jaxsft.lock"))
-    run(assets, run_dir)
-    assert_same_run(run_dir, reference)
+    third = run(assets, run_dir, *long, "--config.train.stop_after=2")
+    assert "resumed from" in third.stdout and "stopped by train.stop_after" in third.stdout
 
 
 @pytest.mark.slow
@@ -470,7 +492,7 @@ def _free_port():
 
 
 def start_two(assets, run_dir):
-    root, run_dir, overrides = args_for(assets, run_dir)
+    root, run_dir, overrides = args_for(assets, run_dir, *slowed(assets))
     port = _free_port()
     return [
         subprocess.Popen(
