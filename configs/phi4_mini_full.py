@@ -5,8 +5,8 @@ LongRoPE, tied embeddings) with FSDP over all devices, e.g. 4 x 80 GB GPUs or a 
         --config.model.path=/models/Phi-4-mini-instruct --config.data.train=data/train.jsonl
 
 Rows up to 4096 tokens use LongRoPE's short factors, longer ones its long factors, as
-transformers does for each sequence. A PEFT adapter export of Phi's fused modules is not
-supported yet: LoRA runs on Phi export merged weights.
+transformers does for each sequence. For LoRA, lora.targets takes Phi's module names
+(qkv_proj, gate_up_proj) and the PEFT export writes them as PEFT expects.
 """
 
 from jaxsft.configs import qwen3_8b_full

@@ -327,13 +327,7 @@ class SafetensorsReader(contextlib.AbstractContextManager):
 def hf_tensors(state, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray, Entry]]:
     """(HF key, host array in HF layout, entry) for every tensor of the table, one at a time;
     the parts of a fused tensor are concatenated (entry: its first part)."""
-    groups: list[list[Entry]] = []
-    for entry in weight_table(cfg):
-        if groups and entry.rows is not None and groups[-1][0].hf_key == entry.hf_key:
-            groups[-1].append(entry)
-        else:
-            groups.append([entry])
-    for group in groups:
+    for group in tensor_groups(weight_table(cfg)):
         values = [_variable(state, e.path) for e in group]
         values = [v.get_value() if isinstance(v, nnx.Variable) else v for v in values]
         first = group[0]
@@ -342,6 +336,17 @@ def hf_tensors(state, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray, Entry
                 yield key, _hf_layout([v[i] for v in values], group), first
         else:
             yield first.hf_key, _hf_layout(values, group), first
+
+
+def tensor_groups(table: list[Entry]) -> list[list[Entry]]:
+    """The table's entries grouped by HF tensor: one entry, or the parts of a fused tensor."""
+    groups: list[list[Entry]] = []
+    for entry in table:
+        if groups and entry.rows is not None and groups[-1][0].hf_key == entry.hf_key:
+            groups[-1].append(entry)
+        else:
+            groups.append([entry])
+    return groups
 
 
 def _hf_layout(values, group: list[Entry]) -> np.ndarray:

@@ -57,7 +57,7 @@ class Case:
     tokenizer: str  # kind of tokenizers_fixture
     lora: LoraConfig | None = None
     max_shard_bytes: int = 5 * 1024**3
-    peft: bool = True  # False: the PEFT export is refused (fused Phi modules)
+    peft_modules: tuple[str, ...] | None = None  # PEFT's target_modules, if not lora.targets
 
 
 CASES = {
@@ -76,13 +76,18 @@ CASES = {
     "gemma2": Case("chatml", LoraConfig(rank=4, alpha=8.0)),
     # q/k offset norms, per-layer RoPE, full fine-tuning
     "gemma3": Case("chatml", None),
-    # fused qkv_proj / gate_up_proj split on import and fused again, in ~60 KB shards
-    "phi3": Case("chatml", None, max_shard_bytes=60_000),
-    # LoRA on the fused HF names (separate q/k/v, gate/up adapters); partial rotary, tied
+    # LoRA on the fused HF names (separate q/k/v, gate/up adapters, exported to PEFT as one
+    # block-structured adapter per fused module); partial rotary, tied embeddings
     "phi4mini": Case(
         "chatml",
         LoraConfig(rank=4, alpha=8.0, targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
-        peft=False,
+    ),
+    # rsLoRA and only some parts of the fused modules: zero blocks for k, v and gate
+    "phi3": Case(
+        "chatml",
+        LoraConfig(rank=2, alpha=4.0, rslora=True, targets=("q_proj", "up_proj", "o_proj")),
+        max_shard_bytes=60_000,
+        peft_modules=("qkv_proj", "gate_up_proj", "o_proj"),
     ),
 }
 MESSAGES = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "hi"}]
@@ -205,13 +210,7 @@ def exported(request, hf_checkpoints, tmp_path_factory):
         model, cfg, root / "out" / "hf", tokenizer_dir=source, max_shard_bytes=case.max_shard_bytes
     )
     adapter = None
-    if case.lora is not None and not case.peft:
-        with pytest.raises(UserError, match="fused"):
-            export.export_peft(
-                model, cfg, case.lora, root / "out" / "adapter", base_model_path=source
-            )
-        assert not (root / "out" / "adapter").exists()
-    elif case.lora is not None:
+    if case.lora is not None:
         adapter = export.export_peft(
             model, cfg, case.lora, root / "out" / "adapter", base_model_path=source
         )
@@ -254,10 +253,11 @@ def test_peft_adapter_reloads_in_peft(exported, parity_record):
         lora.alpha,
         lora.rslora,
     )
-    assert sorted(config["target_modules"]) == sorted(lora.targets)
+    modules = exported.case.peft_modules or lora.targets
+    assert sorted(config["target_modules"]) == sorted(modules)
     keys = safetensors_keys(exported.adapter)
     assert keys and not [k for k in keys if ".default." in k or not k.startswith("base_model.")]
-    n_linears = exported.cfg.num_layers * len(lora.targets)
+    n_linears = exported.cfg.num_layers * len(modules)
     assert len(keys) == 2 * n_linears
 
     base = hf_causal_lm(exported.source)

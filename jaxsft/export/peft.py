@@ -4,6 +4,11 @@ Key names are the HF weight keys of the table with PEFT's prefix and no adapter 
 ("base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight"); `PeftModel.from_pretrained`
 inserts the adapter name itself. Shapes follow torch's nn.Linear: lora_A.weight [r, in] is the
 transpose of lora_a[i] [in, r], lora_B.weight [out, r] the transpose of lora_b[i] [r, out].
+
+A fused HF module (Phi's qkv_proj, gate_up_proj) holds m parts, each with its own rank-r
+adapter here; PEFT gets one adapter of rank m*r: lora_A stacks the parts' A, lora_B is block
+diagonal (part p's rows x columns [p*r, (p+1)*r)), and rank_pattern / alpha_pattern keep the
+scale, so B @ A * scale is exactly the parts' deltas. A part without adapters is a zero block.
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ import functools
 import json
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -33,7 +37,7 @@ from jaxsft.export.check import (
 )
 from jaxsft.export.files import Planned, host_layer, is_writer, write_json, write_safetensors
 from jaxsft.export.targets import export_dir
-from jaxsft.hf_io import DTYPES, hf_keys, weight_table
+from jaxsft.hf_io import DTYPES, hf_keys, tensor_groups, weight_table
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.lora import LoraConfig, LoRAParam
 
@@ -65,16 +69,62 @@ def adapted_linears(model: nnx.Module, cfg: ModelConfig):
     return out
 
 
-def adapter_tensors(model, cfg: ModelConfig, fetch) -> Iterator[tuple[str, np.ndarray]]:
-    """(PEFT key, [r, in] or [out, r] array) for every adapter; fetch(var, layer) -> host array."""
-    for entry, linear in adapted_linears(model, cfg):
-        for i, key in enumerate(hf_keys(entry, cfg.num_layers)):
-            yield peft_key(key, "lora_A"), fetch(linear.lora_a, i).T
-            yield peft_key(key, "lora_B"), fetch(linear.lora_b, i).T
+def adapted_groups(model: nnx.Module, cfg: ModelConfig):
+    """[(HF module name, [(entry, Linear or None)...])] for every HF tensor with an adapter on
+    some part (a fused tensor lists all its parts; None: a part without adapters)."""
+    adapted = {e.path: lin for e, lin in adapted_linears(model, cfg)}
+    out = []
+    for group in tensor_groups(weight_table(cfg)):
+        if any(e.path in adapted for e in group):
+            name = group[0].hf_key.removesuffix(".weight").rsplit(".", 1)[-1]
+            out.append((name, [(e, adapted.get(e.path)) for e in group]))
+    return out
 
 
-def adapter_config(cfg: ModelConfig, lora: LoraConfig, base_model_path: str) -> dict:
-    """adapter_config.json in peft's LoraConfig fields (peft fills the rest with defaults)."""
+def adapter_tensors(model, cfg: ModelConfig, fetch, rank: int):
+    """(PEFT key, [r', in] or [out, r'] array) for every adapter; fetch(var, layer) -> host
+    array. A fused module gets the block form of the module docstring (r' = parts x rank)."""
+    for _, parts in adapted_groups(model, cfg):
+        first = parts[0][0]
+        for i, key in enumerate(hf_keys(first, cfg.num_layers)):
+            if len(parts) == 1:
+                linear = parts[0][1]
+                yield peft_key(key, "lora_A"), fetch(linear.lora_a, i).T
+                yield peft_key(key, "lora_B"), fetch(linear.lora_b, i).T
+                continue
+            yield peft_key(key, "lora_A"), _stacked_a(parts, fetch, i, rank)
+            yield peft_key(key, "lora_B"), _block_b(parts, fetch, i, rank)
+
+
+def _stacked_a(parts, fetch, i, r):
+    """[parts * r, in]: each part's A (transposed), zeros for a part without adapters."""
+    d_in = next(lin for _, lin in parts if lin is not None).kernel.shape[-2]
+    blocks = [None if lin is None else fetch(lin.lora_a, i).T for _, lin in parts]
+    dtype = next(x for x in blocks if x is not None).dtype
+    return np.concatenate([np.zeros((r, d_in), dtype) if x is None else x for x in blocks])
+
+
+def _block_b(parts, fetch, i, r):
+    """[out, parts * r]: part p's B (transposed) at its rows x columns [p r, (p + 1) r)."""
+    blocks = [None if lin is None else fetch(lin.lora_b, i).T for _, lin in parts]
+    dtype = next(x for x in blocks if x is not None).dtype
+    b = np.zeros((parts[-1][0].rows[1], len(parts) * r), dtype)
+    for p, ((entry, _), block) in enumerate(zip(parts, blocks, strict=True)):
+        if block is not None:
+            b[entry.rows[0] : entry.rows[1], p * r : (p + 1) * r] = block
+    return b
+
+
+def _fused_alpha(lora: LoraConfig, parts: int) -> float:
+    """lora_alpha of a rank parts*r module that keeps the scale alpha / r (or / sqrt(r))."""
+    r = parts * lora.rank
+    return lora.scale * (math.sqrt(r) if lora.rslora else r)
+
+
+def adapter_config(cfg: ModelConfig, lora: LoraConfig, base_model_path: str, groups) -> dict:
+    """adapter_config.json in peft's LoraConfig fields (peft fills the rest with defaults);
+    groups: adapted_groups (fused modules get rank_pattern / alpha_pattern entries)."""
+    fused = [(name, parts) for name, parts in groups if len(parts) > 1]
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -82,7 +132,7 @@ def adapter_config(cfg: ModelConfig, lora: LoraConfig, base_model_path: str) -> 
         "r": lora.rank,
         "lora_alpha": int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha,
         "use_rslora": lora.rslora,
-        "target_modules": sorted(lora.modules),
+        "target_modules": sorted(name for name, _ in groups),
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -92,8 +142,8 @@ def adapter_config(cfg: ModelConfig, lora: LoraConfig, base_model_path: str) -> 
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": {name: len(parts) * lora.rank for name, parts in fused},
+        "alpha_pattern": {name: _fused_alpha(lora, len(parts)) for name, parts in fused},
         "revision": None,
     }
 
@@ -123,14 +173,6 @@ def export_peft(
             "a PEFT adapter needs a LoRA run (lora.rank > 0)",
             hint="use --format merged for a full fine-tuning run",
         )
-    if any(e.rows is not None for e, _ in adapted_linears(model, cfg)):
-        raise UserError(
-            "a PEFT adapter for a model with fused q/k/v or gate/up tensors (Phi's qkv_proj, "
-            "gate_up_proj) is not supported yet: jaxsft trains separate q/k/v and gate/up "
-            "adapters, which PEFT cannot hold as one module",
-            where="export.format",
-            hint="use export.format=merged (the adapters merged into the weights)",
-        )
     adapted = {e.path[-2] for e, _ in adapted_linears(model, cfg)}
     assert adapted == set(lora_cfg.modules), (adapted, lora_cfg.targets)
     np_dtype = np.dtype(DTYPES[dtype])
@@ -141,7 +183,8 @@ def export_peft(
     def fetch(var, i):
         return host_layer(var[...], i).astype(np_dtype)
 
-    plan = [Planned(k, a.shape, a.dtype) for k, a in adapter_tensors(model, cfg, plan_fetch)]
+    r = lora_cfg.rank
+    plan = [Planned(k, a.shape, a.dtype) for k, a in adapter_tensors(model, cfg, plan_fetch, r)]
     write = is_writer()
     with export_dir(
         out_dir, "peft", base_model_path, run_dir=run_dir, force=force, step=step, write=write
@@ -149,7 +192,7 @@ def export_peft(
         write_safetensors(
             tmp,
             plan,
-            adapter_tensors(model, cfg, fetch),
+            adapter_tensors(model, cfg, fetch, r),
             stem="adapter_model",
             max_shard_bytes=2**62,
             write=write,
@@ -157,7 +200,9 @@ def export_peft(
         if write:
             write_json(
                 tmp / "adapter_config.json",
-                adapter_config(cfg, lora_cfg, os.fspath(base_model_path)),
+                adapter_config(
+                    cfg, lora_cfg, os.fspath(base_model_path), adapted_groups(model, cfg)
+                ),
             )
         if check:
             check_adapter(model, cfg, tmp, base_model_path, dtype)
@@ -178,18 +223,22 @@ def _add_lora(w, a, b, scale):
 
 def merge_adapter(model: nnx.Module, cfg: ModelConfig, adapter_dir) -> None:
     """Fold a PEFT adapter directory into a jaxsft model's kernels, reading only what peft
-    reads: adapter_config.json (r, lora_alpha, use_rslora, target_modules) and the tensors."""
+    reads: adapter_config.json (r, lora_alpha, use_rslora, target_modules, rank_pattern,
+    alpha_pattern) and the tensors; a fused module's delta is split into its parts' rows."""
     config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    r = int(config["r"])
-    scale = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
     targets = set(config["target_modules"])
     with safe_open(os.path.join(adapter_dir, ADAPTER_FILE), framework="np") as f:
         unused = set(f.keys())
-        for entry in weight_table(cfg):
-            if not (entry.stacked and entry.path[-1] == "kernel" and entry.path[-2] in targets):
+        for group in tensor_groups(weight_table(cfg)):
+            first = group[0]
+            name = first.hf_key.removesuffix(".weight").rsplit(".", 1)[-1]
+            if not (first.stacked and first.path[-1] == "kernel" and name in targets):
                 continue
+            r = int((config.get("rank_pattern") or {}).get(name, config["r"]))
+            alpha = (config.get("alpha_pattern") or {}).get(name, config["lora_alpha"])
+            scale = np.float32(alpha / (math.sqrt(r) if config.get("use_rslora") else r))
             keys = {
-                n: [peft_key(k, n) for k in hf_keys(entry, cfg.num_layers)]
+                n: [peft_key(k, n) for k in hf_keys(first, cfg.num_layers)]
                 for n in ("lora_A", "lora_B")
             }
             missing = sorted(set(keys["lora_A"] + keys["lora_B"]) - unused)
@@ -198,15 +247,18 @@ def merge_adapter(model: nnx.Module, cfg: ModelConfig, adapter_dir) -> None:
             unused -= set(keys["lora_A"] + keys["lora_B"])
             a = np.stack([f.get_tensor(k).T for k in keys["lora_A"]])  # [L, in, r]
             b = np.stack([f.get_tensor(k).T for k in keys["lora_B"]])  # [L, r, out]
-            var = module_at(model, entry.path)
-            L, d_in, d_out = var.shape
-            if a.shape != (L, d_in, r) or b.shape != (L, r, d_out):
-                raise ExportCheckError(
-                    f"{adapter_dir}: {keys['lora_A'][0]} and lora_B give "
-                    f"{a.shape} x {b.shape}, the kernel is {var.shape}"
-                )
-            w = var[...]
-            var.set_value(jax.device_put(_add_lora(w, a, b, np.float32(scale)), w.sharding))
+            for entry in group:
+                var = module_at(model, entry.path)
+                L, d_in, d_out = var.shape
+                lo, hi = entry.rows or (0, d_out)
+                part = b[:, :, lo:hi]
+                if a.shape != (L, d_in, r) or part.shape != (L, r, d_out):
+                    raise ExportCheckError(
+                        f"{adapter_dir}: {keys['lora_A'][0]} and lora_B give "
+                        f"{a.shape} x {b.shape}, the kernel is {var.shape}"
+                    )
+                w = var[...]
+                var.set_value(jax.device_put(_add_lora(w, a, part, scale), w.sharding))
     if unused:
         raise ExportCheckError(f"{adapter_dir}: unexpected adapter tensors {sorted(unused)[:3]}")
 
