@@ -9,6 +9,7 @@ run_dir/checkpoints_set_aside/ (never deleted), and the previous complete one is
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -57,6 +58,18 @@ def short_reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:200] if text else ''}"
 
 
+def attempt(step_dir: str, restore, items=ITEMS):
+    """(restore(), None) when the checkpoint in step_dir validates and restores, else
+    (None, why): the one test of "is this checkpoint usable" for resume and export."""
+    why = damage(step_dir, items)
+    if why is not None:
+        return None, why
+    try:
+        return restore(), None
+    except Exception as e:  # noqa: BLE001 - any failure means "not usable"
+        return None, f"restore failed ({short_reason(e)})"
+
+
 class Checkpointer:
     def __init__(self, run_dir: str, keep: int = 2, use_async: bool = True):
         options = ocp.CheckpointManagerOptions(
@@ -82,7 +95,7 @@ class Checkpointer:
             return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def _writes(self):
-        return _WriteGuard(checkpoint_dir(self.run_dir))
+        return _write_failures(checkpoint_dir(self.run_dir))
 
     def check_space(self, step: int, state) -> None:
         """WriteFailed before writing anything when the disk cannot hold checkpoint `step`
@@ -121,12 +134,9 @@ class Checkpointer:
         Damaged ones are reported and, with set_aside, moved out of checkpoints/."""
         for step in sorted(self.manager.all_steps(), reverse=True):
             step_dir = os.path.join(checkpoint_dir(self.run_dir), str(step))
-            why = damage(step_dir)
+            state, why = attempt(step_dir, lambda s=step: self.restore(s, target_state, data_iter))
             if why is None:
-                try:
-                    return step, self.restore(step, target_state, data_iter)
-                except Exception as e:  # noqa: BLE001 - any failure means "not usable"
-                    why = f"restore failed ({short_reason(e)})"
+                return step, state
             moved = self.set_aside(step) if set_aside else None
             where = f"; moved to {moved}" if moved else ""
             print(f"warning: checkpoint {step} is damaged: {why}{where}", file=sys.stderr)
@@ -167,26 +177,21 @@ class Checkpointer:
         self.manager.close()
 
 
-class _WriteGuard:
-    """OSError (and orbax's wrapped I/O errors) while saving -> WriteFailed naming the step."""
-
-    def __init__(self, where):
-        self.where = where
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, e, tb):
-        if e is None or not isinstance(e, Exception) or isinstance(e, rd.WriteFailed):
-            return False
+@contextlib.contextmanager
+def _write_failures(where):
+    """OSError (also wrapped by orbax, or only named in its message) while saving ->
+    WriteFailed naming the checkpoints directory."""
+    try:
+        yield
+    except rd.WriteFailed:
+        raise
+    except Exception as e:
         cause = e
         while cause is not None and not isinstance(cause, OSError):
             cause = cause.__cause__ or cause.__context__
         if cause is None and "No space left" not in str(e):
-            return False
-        if cause is None:
-            cause = OSError(errno.ENOSPC, "No space left on device")
-        raise rd.write_failed(cause, self.where) from None
+            raise
+        raise rd.write_failed(cause or OSError(errno.ENOSPC, "No space left"), where) from None
 
 
 def _abstract(x):

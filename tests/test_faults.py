@@ -281,7 +281,7 @@ def test_damaged_newest_checkpoint_falls_back(assets, reference, stopped_at_16, 
     # export picks the newest valid checkpoint too, without moving anything
     from jaxsft.train.setup import restore_model
 
-    restore_model(run_dir)
+    assert restore_model(run_dir)[4] == 12  # the step restored, recorded in export markers
     assert os.path.isdir(os.path.join(run_dir, "checkpoints", "16"))
     proc = run(assets, run_dir)
     assert "checkpoint 16 is damaged" in proc.stderr, proc.stderr[-2000:]

@@ -92,11 +92,10 @@ def main(argv=None) -> int:
     fmt = "merged" if fmt == "none" else fmt
     # Refuse a target before the (slow) restore; export_run applies the rules again.
     check_export_targets(saved, args.out, args.force, fmt=fmt, run_dir=run_dir)
-    from jaxsft.checkpoint import existing_steps
     from jaxsft.train.setup import restore_model
 
-    model, cfg, lora_cfg, config = restore_model(run_dir, step=args.step)
-    step = args.step if args.step is not None else existing_steps(str(run_dir))[-1]
+    # step: the checkpoint actually restored (a damaged newest one is skipped)
+    model, cfg, lora_cfg, config, step = restore_model(run_dir, step=args.step)
     dirs = export_run(
         model,
         cfg,

@@ -15,13 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxsft import config as config_lib
 from jaxsft import run_dir as rd
-from jaxsft.checkpoint import (
-    checkpoint_dir,
-    damage,
-    existing_steps,
-    restore_params,
-    short_reason,
-)
+from jaxsft.checkpoint import attempt, checkpoint_dir, existing_steps, restore_params
 from jaxsft.errors import UserError
 from jaxsft.hf_io import load_hf
 from jaxsft.models.config import ModelConfig
@@ -145,10 +139,10 @@ def _shardings(tree):
 
 
 def restore_model(run_dir: str, step: int | None = None):
-    """(model, model_cfg, lora_cfg, config) from a run directory's checkpoint `step`, or the
-    newest one that validates and restores when None (damaged ones are reported and skipped,
-    never moved: a training run may own the directory). UserError when the run or the step
-    does not exist or no checkpoint is usable."""
+    """(model, model_cfg, lora_cfg, config, step) from a run directory's checkpoint `step`, or
+    the newest one that validates and restores when None (damaged ones are reported and
+    skipped, never moved: a training run may own the directory); the step returned is the one
+    used. UserError when the run or the step does not exist or no checkpoint is usable."""
     cfg_path = rd.path(run_dir, rd.CONFIG)
     if not os.path.isfile(cfg_path):
         raise UserError("not a jaxsft run directory (no config.json)", where=run_dir)
@@ -171,13 +165,10 @@ def restore_model(run_dir: str, step: int | None = None):
     graphdef, params, frozen = split_trainable(model, lora)
     for candidate in [step] if step is not None else steps[::-1]:
         step_dir = os.path.join(checkpoint_dir(run_dir), str(candidate))
-        why = damage(step_dir, items=("state",))
+        state_dir = os.path.join(step_dir, "state")
+        restored, why = attempt(step_dir, lambda d=state_dir: restore_params(d, params), ("state",))
         if why is None:
-            try:
-                params = restore_params(os.path.join(step_dir, "state"), params)
-                return nnx.merge(graphdef, params, frozen), model_cfg, lora, config
-            except Exception as e:  # noqa: BLE001 - any failure means "not usable"
-                why = f"restore failed ({short_reason(e)})"
+            return nnx.merge(graphdef, restored, frozen), model_cfg, lora, config, candidate
         if step is not None:
             raise UserError(f"checkpoint {step} is damaged: {why}", where=step_dir)
         print(f"warning: skipping damaged checkpoint {candidate}: {why}", file=sys.stderr)
