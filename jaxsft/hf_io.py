@@ -172,12 +172,11 @@ def _sharding(var, mesh):
 
 def _check_fused(reader, table: list[Entry], cfg: ModelConfig):
     """A fused HF tensor has exactly the rows its parts take."""
-    total: dict[str, int] = {}
-    for e in table:
-        if e.rows is not None:
-            total[e.hf_key] = max(total.get(e.hf_key, 0), e.rows[1])
-    for key, rows in total.items():
-        for k in hf_keys(Entry(key, (), False, "{i}" in key), cfg.num_layers):
+    for group in tensor_groups(table):
+        if group[-1].rows is None:
+            continue
+        rows = group[-1].rows[1]
+        for k in hf_keys(group[0], cfg.num_layers):
             got = reader.shape(k)
             if got[0] != rows:
                 raise UserError(

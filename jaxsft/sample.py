@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from jaxsft.errors import UserError
+from jaxsft.models.config import eos_ids
 
 PROMPT_BUCKET = 64  # prompt lengths are rounded up to a multiple of this (also the prefill chunk)
 DEFAULT_BATCH = 8
@@ -100,11 +101,9 @@ def generation_config_eos(directory) -> list[int]:
     path = os.path.join(os.fspath(directory), "generation_config.json") if directory else ""
     try:
         with open(path) as f:
-            eos = json.load(f).get("eos_token_id")
-    except (OSError, ValueError, AttributeError):
+            return list(eos_ids(json.load(f).get("eos_token_id")))
+    except (OSError, ValueError, TypeError, AttributeError):
         return []
-    eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
-    return [int(i) for i in eos if isinstance(i, int)]
 
 
 def generate_ids(

@@ -190,7 +190,3 @@ def write_generation_config(src: str | os.PathLike | None, out_dir: Path, cfg) -
     if cfg.pad_token_id is not None:
         gen["pad_token_id"] = cfg.pad_token_id
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

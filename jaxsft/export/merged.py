@@ -22,13 +22,13 @@ from jaxsft.export.files import (
     host_array,
     is_writer,
     write_generation_config,
-    write_json,
     write_safetensors,
 )
 from jaxsft.export.peft import adapted_linears, module_at
 from jaxsft.export.targets import export_dir
 from jaxsft.hf_io import DTYPES, Entry, hf_keys, hf_tensors, weight_table
 from jaxsft.models.config import ModelConfig
+from jaxsft.run_dir import write_json
 
 
 def export_dtype(dtype: str, cfg: ModelConfig) -> str:

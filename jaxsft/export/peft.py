@@ -35,11 +35,12 @@ from jaxsft.export.check import (
     probe_ids,
     reload_mesh,
 )
-from jaxsft.export.files import Planned, host_layer, is_writer, write_json, write_safetensors
+from jaxsft.export.files import Planned, host_layer, is_writer, write_safetensors
 from jaxsft.export.targets import export_dir
 from jaxsft.hf_io import DTYPES, hf_keys, tensor_groups, weight_table
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.lora import LoraConfig, LoRAParam
+from jaxsft.run_dir import write_json
 
 PREFIX = "base_model.model."
 ADAPTER_FILE = "adapter_model.safetensors"

@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 from jaxsft import run_dir as rd
 from jaxsft.errors import UserError
 from jaxsft.export.check import on_writer
-from jaxsft.export.files import write_json
+from jaxsft.run_dir import write_json
 
 MARKER = ".jaxsft_export.json"
 FORMATS = ("merged", "peft", "both")

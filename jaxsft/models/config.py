@@ -179,8 +179,6 @@ def common_fields(hf: dict, where: str) -> dict:
     num_heads = int(hf["num_attention_heads"])
     hidden = int(hf["hidden_size"])
     rope_theta, rope_scaling = read_rope(hf, where)
-    eos = hf.get("eos_token_id")
-    eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
     return dict(
         model_type=hf["model_type"],
         vocab_size=int(hf["vocab_size"]),
@@ -198,11 +196,19 @@ def common_fields(hf: dict, where: str) -> dict:
         mlp_bias=bool(hf.get("mlp_bias", False)),
         hidden_act=read_activation(hf, where),
         bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos,
+        eos_token_ids=eos_ids(hf.get("eos_token_id")),
         pad_token_id=hf.get("pad_token_id"),
         source_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
         hf_config=copy.deepcopy(hf),
     )
+
+
+def eos_ids(value) -> tuple[int, ...]:
+    """An eos_token_id entry of config.json / generation_config.json (None, an int or a
+    list) as a tuple of ints."""
+    if value is None:
+        return ()
+    return tuple(int(i) for i in value) if isinstance(value, list) else (int(value),)
 
 
 def read_activation(hf: dict, where: str, key: str = "hidden_act", default="silu") -> str:

@@ -18,6 +18,7 @@ import os
 import jax
 
 from jaxsft import config as config_lib
+from jaxsft import export as export_lib
 from jaxsft import run_dir as rd
 from jaxsft.checkpoint import Checkpointer, existing_steps
 from jaxsft.data import pipeline
@@ -61,7 +62,7 @@ def prepare(config) -> Start:
     if saved is not None:
         changes.update(data_change(config, data))
     evals = Evals(config, data, tokenizer)
-    check_export_targets(config)
+    export_lib.check_export_targets(config)
     total = total_steps(config, data)
     mesh = setup_lib.config_mesh(config)
     check_batch_geometry(config, mesh)
@@ -139,15 +140,6 @@ def check_batch_geometry(config, mesh) -> None:
             hint=f"use a train.batch_size that is a multiple of {a * shards}, or another mesh "
             "(mesh.tensor takes devices off the batch split)",
         )
-
-
-def check_export_targets(config) -> None:
-    """The end-of-training export would not replace anything of the user's."""
-    if config.export.format == "none":
-        return
-    from jaxsft.export import check_export_targets as check
-
-    check(config)
 
 
 def total_steps(config, data) -> int:
