@@ -22,7 +22,16 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from train_utils import DEMO_CONFIG, FAST, ROOT, losses, main_argv, run_main, subprocess_env
+from train_utils import (
+    DEMO_CONFIG,
+    FAST,
+    ROOT,
+    losses,
+    main_argv,
+    run_main,
+    start_two_processes,
+    subprocess_env,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -483,34 +492,9 @@ def test_refused_starts_leave_run_dir_byte_identical(assets, stopped_at_16, tmp_
     assert proc.returncode == 0
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_two(assets, run_dir):
     root, run_dir, overrides = args_for(assets, run_dir, *slowed(assets))
-    port = _free_port()
-    return [
-        subprocess.Popen(
-            main_argv(run_dir, overrides),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=subprocess_env(
-                root,
-                2,
-                JAXSFT_COORDINATOR=f"127.0.0.1:{port}",
-                JAXSFT_NUM_PROCESSES=2,
-                JAXSFT_PROCESS_ID=i,
-            ),
-        )
-        for i in range(2)
-    ]
+    return start_two_processes(root, run_dir, overrides)
 
 
 @pytest.mark.slow

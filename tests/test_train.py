@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
-from train_utils import FAST, ROOT, losses, run_main, subprocess_env
+from train_utils import FAST, ROOT, losses, run_main, start_two_processes
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -241,46 +238,13 @@ def test_sharded_8_devices_equals_single(demo_assets, tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_one(demo_assets, tmp_path):
     """Two processes x 2 devices (jax.distributed over gloo), each feeding its own half of
     the batch, give the same losses as one process with 4 devices."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     steps = ["--config.train.max_steps=3"]
     run_main(demo_assets, one, steps, devices=4)
-    port = _free_port()
-    args = [
-        sys.executable,
-        "-m",
-        "jaxsft.main",
-        "--config",
-        os.path.join(ROOT, "configs", "demo.py"),
-        f"--config.run_dir={two}",
-        *FAST,
-        *steps,
-    ]
-    procs = [
-        subprocess.Popen(
-            args,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=subprocess_env(
-                demo_assets,
-                2,
-                JAXSFT_COORDINATOR=f"127.0.0.1:{port}",
-                JAXSFT_NUM_PROCESSES=2,
-                JAXSFT_PROCESS_ID=i,
-            ),
-        )
-        for i in range(2)
-    ]
+    procs = start_two_processes(demo_assets, two, steps)
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]

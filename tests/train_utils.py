@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -65,6 +66,31 @@ def run_main(
     if check and proc.returncode != 0:
         raise AssertionError(f"jaxsft.main failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def start_two_processes(assets: str, run_dir: str, overrides=()) -> list[subprocess.Popen]:
+    """`python -m jaxsft.main` as two processes x 2 fake devices (jax.distributed over gloo on
+    a free local port), started without waiting."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [
+        subprocess.Popen(
+            main_argv(run_dir, overrides),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=subprocess_env(
+                assets,
+                2,
+                JAXSFT_COORDINATOR=f"127.0.0.1:{port}",
+                JAXSFT_NUM_PROCESSES=2,
+                JAXSFT_PROCESS_ID=i,
+            ),
+        )
+        for i in range(2)
+    ]
 
 
 def losses(run_dir: str) -> dict[int, float]:
