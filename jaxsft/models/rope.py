@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -131,8 +132,11 @@ def sequence_lengths(positions, segment_ids=None):
     """[B, T]: largest position + 1 of each token's sequence (its segment of the row)."""
     if segment_ids is None:
         return jnp.broadcast_to(positions.max(axis=1, keepdims=True) + 1, positions.shape)
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return jnp.where(same, positions[:, None, :], -1).max(axis=-1) + 1
+    # A segment max over (row, segment id) pairs: O(B T), no [B, T, T] comparison.
+    B, T = positions.shape
+    ids = segment_ids + (T + 1) * jnp.arange(B, dtype=segment_ids.dtype)[:, None]
+    top = jax.ops.segment_max(positions.ravel(), ids.ravel(), num_segments=B * (T + 1))
+    return top[ids] + 1
 
 
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
