@@ -20,8 +20,6 @@ import os
 from jaxsft.errors import UserError
 
 SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn", "longrope")
-# hidden_act values the decoder implements (transformers' ACT2FN names).
-ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh", "gelu_new", "gelu")
 MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
 
 
@@ -212,7 +210,10 @@ def eos_ids(value) -> tuple[int, ...]:
 
 
 def read_activation(hf: dict, where: str, key: str = "hidden_act", default="silu") -> str:
-    """The MLP activation; one the decoder does not implement is refused naming the key."""
+    """The MLP activation; one the decoder does not implement (models.layers.ACTIVATIONS) is
+    refused naming the key."""
+    from jaxsft.models.layers import ACTIVATIONS
+
     act = hf.get(key) or default
     if act not in ACTIVATIONS:
         raise UserError(

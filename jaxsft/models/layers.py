@@ -114,6 +114,7 @@ class Embed(nnx.Module):
         return x
 
 
+# The MLP activations the decoder implements, by transformers' ACT2FN names.
 ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
