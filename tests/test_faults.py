@@ -101,11 +101,10 @@ def wait_for(predicate, proc, timeout=240.0):
 
 
 def rows(run_dir) -> list[dict]:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip().endswith("}")]
+    """metrics.jsonl as the run writes it (a torn last line is left out)."""
+    from jaxsft.metrics import read_rows
+
+    return read_rows(os.path.join(run_dir, "metrics.jsonl"))
 
 
 def logged_steps(run_dir) -> int:
