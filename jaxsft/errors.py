@@ -9,6 +9,7 @@ only with JAXSFT_DEBUG=1). docs/reliability.md lists every exit code.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import logging
@@ -120,9 +121,15 @@ def background_errors_to(log_path: str):
     sys.unraisablehook, threading.excepthook = unraisable, thread_exception
     try:
         yield
-    finally:
-        sys.unraisablehook, threading.excepthook = hooks
-        for lg, propagate in saved:
-            lg.removeHandler(handler)
-            lg.propagate = propagate
-        handler.close()
+    except BaseException:
+        # A failed save leaves orbax's asyncio tasks holding their exceptions; asyncio logs
+        # "Task exception was never retrieved" with a traceback only when a task is garbage
+        # collected, which may be at interpreter exit. The process is ending with the failure,
+        # so its background reports keep going to the log until then.
+        atexit.register(handler.close)
+        raise
+    sys.unraisablehook, threading.excepthook = hooks
+    for lg, propagate in saved:
+        lg.removeHandler(handler)
+        lg.propagate = propagate
+    handler.close()
