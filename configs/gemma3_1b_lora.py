@@ -1,5 +1,5 @@
 """LoRA SFT of Gemma-3-1b-it (text-only Gemma 3, model_type gemma3_text) on chat data; one
-24 GB GPU, or a TPU v5e-4. The multimodal Gemma 3 (4B and up) is not supported yet.
+24 GB GPU, or a TPU v5e-4. The multimodal Gemma 3 (4B and up): configs/gemma3_4b_lora.py.
 
     python -m jaxsft.main --config configs/gemma3_1b_lora.py \
         --config.model.path=/models/gemma-3-1b-it --config.data.train=data/train.jsonl

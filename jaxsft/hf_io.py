@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -31,10 +32,16 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
+STACK_LETTERS = "ij"  # the hf_key fields of the stacked axes, outermost first
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One HF tensor family: `hf_key` (with {i} for the layer) <-> state `path`.
+    """One HF tensor family: `hf_key` <-> state `path`.
 
+    stack: the sizes of the leading axes the variable stacks HF tensors over, named {i}, {j}
+    in hf_key: () one tensor; (L,) one per layer ("model.layers.{i}..."); (L, E) one per layer
+    and expert ("model.layers.{i}.mlp.experts.{j}...", stacked [L, E, ...]).
     rows: this variable is rows [start, stop) (HF axis 0) of a fused HF tensor (Phi's
     qkv_proj, gate_up_proj): split on import, concatenated with the other parts on export.
     """
@@ -42,17 +49,28 @@ class Entry:
     hf_key: str
     path: tuple[str, ...]
     transpose: bool  # HF nn.Linear weight [out, in] vs kernel [in, out]
-    stacked: bool  # one HF tensor per layer, stacked on axis 0 here
+    stack: tuple[int, ...] = ()
     rows: tuple[int, int] | None = None
+
+    @property
+    def stacked(self) -> bool:
+        return bool(self.stack)
+
+    def indices(self) -> list[tuple[int, ...]]:
+        """Every index over the stacked axes, in file order (layer-major)."""
+        return list(itertools.product(*map(range, self.stack)))
+
+    def key(self, index: tuple[int, ...]) -> str:
+        return self.hf_key.format(**dict(zip(STACK_LETTERS, index, strict=False)))
 
 
 def weight_table(cfg: ModelConfig) -> list[Entry]:
     """Every HF tensor of a checkpoint of this config, in file order."""
-    table = [Entry("model.embed_tokens.weight", ("embed_tokens", "embedding"), False, False)]
+    table = [Entry("model.embed_tokens.weight", ("embed_tokens", "embedding"), False)]
     layer = "model.layers.{i}."
 
     def add(hf, path, transpose=False):
-        table.append(Entry(layer + hf, ("layers", *path), transpose, True))
+        table.append(Entry(layer + hf, ("layers", *path), transpose, (cfg.num_layers,)))
 
     for name in block_norms(cfg):
         add(f"{name}.weight", (name, "scale"))
@@ -72,18 +90,35 @@ def weight_table(cfg: ModelConfig) -> list[Entry]:
         add(f"mlp.{proj}.weight", ("mlp", proj, "kernel"), True)
         if cfg.mlp_bias:
             add(f"mlp.{proj}.bias", ("mlp", proj, "bias"))
-    table.append(Entry("model.norm.weight", ("norm", "scale"), False, False))
+    table.append(Entry("model.norm.weight", ("norm", "scale"), False))
     if not cfg.tie_word_embeddings:
-        table.append(Entry("lm_head.weight", ("lm_head", "kernel"), True, False))
+        table.append(Entry("lm_head.weight", ("lm_head", "kernel"), True))
     from jaxsft.models import families
 
-    return families.family_of(cfg.model_type).table(cfg, table)
+    table = families.family_of(cfg.model_type).table(cfg, table)
+    return [dataclasses.replace(e, hf_key=_in_checkpoint(cfg, e.hf_key)) for e in table]
 
 
-def hf_keys(entry: Entry, num_layers: int) -> list[str]:
-    return (
-        [entry.hf_key.format(i=i) for i in range(num_layers)] if entry.stacked else [entry.hf_key]
-    )
+def _in_checkpoint(cfg: ModelConfig, key: str) -> str:
+    """A text model's key as the checkpoint names it (under a multimodal wrapper's prefix)."""
+    from jaxsft.models import families
+
+    spec = families.wrapped(cfg)
+    return key if spec is None else spec.prefixed(key)
+
+
+def carried_keys(reader: SafetensorsReader, cfg: ModelConfig) -> list[str]:
+    """The tensors of a multimodal checkpoint outside its language model (vision tower,
+    projector): not loaded, written back byte for byte by the merged export."""
+    from jaxsft.models import families
+
+    spec = families.wrapped(cfg)
+    return [] if spec is None else [k for k in reader.keys() if spec.carried(k)]
+
+
+def hf_keys(entry: Entry) -> list[str]:
+    """The HF keys of an entry, in the order of Entry.indices."""
+    return [entry.key(index) for index in entry.indices()]
 
 
 def abstract_model(
@@ -145,8 +180,9 @@ def load_hf(
         _check_fused(reader, weight_table(cfg), cfg)
         for entry in weight_table(cfg):
             var = _variable(state, entry.path)
-            var.set_value(_load_entry(reader, entry, var, cfg, devices))
-        reader.check_all_used()
+            var.set_value(_load_entry(reader, entry, var, devices))
+        head = _in_checkpoint(cfg, "lm_head.weight")  # a tied config ignores a stored head
+        reader.check_all_used(optional=(head, *carried_keys(reader, cfg)))
     for i, (p, var) in enumerate(sorted(nnx.to_flat_state(state.filter(LoRAParam)))):
         var.set_value(_init_adapter(np.random.default_rng([seed, i]), p, var, devices))
     return nnx.merge(graphdef, state), cfg
@@ -176,7 +212,7 @@ def _check_fused(reader, table: list[Entry], cfg: ModelConfig):
         if group[-1].rows is None:
             continue
         rows = group[-1].rows[1]
-        for k in hf_keys(group[0], cfg.num_layers):
+        for k in hf_keys(group[0]):
             got = reader.shape(k)
             if got[0] != rows:
                 raise UserError(
@@ -186,11 +222,14 @@ def _check_fused(reader, table: list[Entry], cfg: ModelConfig):
                 )
 
 
-def _load_entry(reader, entry: Entry, var, cfg: ModelConfig, mesh):
+def _load_entry(reader, entry: Entry, var, mesh):
+    """The variable of one table entry, read from the checkpoint slice by slice onto `mesh`
+    (each device's callback reads only the HF tensors and rows of its shard)."""
     shape = tuple(var.get_value().shape)
     dtype = var.get_value().dtype
-    keys = hf_keys(entry, cfg.num_layers)
-    want = shape[1:] if entry.stacked else shape
+    keys = hf_keys(entry)
+    n = len(entry.stack)
+    want = shape[n:]
     want_hf = want[::-1] if entry.transpose else want
     for k in keys:
         got = list(reader.shape(k))
@@ -215,13 +254,14 @@ def _load_entry(reader, entry: Entry, var, cfg: ModelConfig, mesh):
     def callback(index):
         if not entry.stacked:
             return read(keys[0], index)
-        layers = range(*index[0].indices(cfg.num_layers))
+        ranges = [range(*sl.indices(size)) for sl, size in zip(index, entry.stack, strict=False)]
         out = None
-        for j, layer in enumerate(layers):
-            a = read(keys[layer], index[1:])
+        for local in itertools.product(*(range(len(r)) for r in ranges)):
+            where = tuple(r[j] for r, j in zip(ranges, local, strict=True))
+            a = read(entry.key(where), index[n:])
             if out is None:
-                out = np.empty((len(layers), *a.shape), dtype)
-            out[j] = a
+                out = np.empty((*map(len, ranges), *a.shape), dtype)
+            out[local] = a
         return out
 
     return jax.make_array_from_callback(shape, _sharding(var, mesh), callback)
@@ -294,6 +334,16 @@ class SafetensorsReader(contextlib.AbstractContextManager):
         self._stack.close()
         return False
 
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def dtype(self, key: str) -> str:
+        """The safetensors dtype name ("F32", "BF16", ...) of a tensor."""
+        return self._get(key).get_slice(key).get_dtype()
+
+    def tensor(self, key: str) -> np.ndarray:
+        return self._get(key).get_tensor(key)
+
     def file_of(self, key: str) -> str:
         return self._where.get(key, self.path)
 
@@ -314,6 +364,8 @@ class SafetensorsReader(contextlib.AbstractContextManager):
         return self._get(key).get_slice(key)[tuple(index)]
 
     def check_all_used(self, optional=("lm_head.weight",)):
+        """Every tensor of the checkpoint was read, except `optional` ones (an lm_head a
+        tied config does not use, carried tensors)."""
         extra = sorted(set(self._where) - self._used - set(optional))
         if extra:
             raise UserError(
@@ -326,13 +378,18 @@ class SafetensorsReader(contextlib.AbstractContextManager):
 def hf_tensors(state, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray, Entry]]:
     """(HF key, host array in HF layout, entry) for every tensor of the table, one at a time;
     the parts of a fused tensor are concatenated (entry: its first part)."""
-    for group in tensor_groups(weight_table(cfg)):
+    return table_tensors(state, weight_table(cfg))
+
+
+def table_tensors(state, table: list[Entry]) -> Iterator[tuple[str, np.ndarray, Entry]]:
+    """hf_tensors over any table (state: nested dicts or an nnx State over its paths)."""
+    for group in tensor_groups(table):
         values = [_variable(state, e.path) for e in group]
         values = [v.get_value() if isinstance(v, nnx.Variable) else v for v in values]
         first = group[0]
         if first.stacked:
-            for i, key in enumerate(hf_keys(first, cfg.num_layers)):
-                yield key, _hf_layout([v[i] for v in values], group), first
+            for index in first.indices():
+                yield first.key(index), _hf_layout([v[index] for v in values], group), first
         else:
             yield first.hf_key, _hf_layout(values, group), first
 

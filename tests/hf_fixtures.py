@@ -55,7 +55,7 @@ FAMILIES = (
     "phi4mini",
 )
 # Built on demand by the tests that need them, not part of the per-family parity set.
-EXTRA = ("qwen2_layer_window",)
+EXTRA = ("qwen2_layer_window", "gemma3_mm")
 
 VOCAB = 256
 HIDDEN = 64
@@ -164,6 +164,23 @@ def _hf_config(name: str):
                 "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
             },
         )
+    if name == "gemma3_mm":  # Gemma3ForConditionalGeneration: the gemma3 text model + SigLIP
+        text = _hf_config("gemma3").to_dict()
+        return tf.Gemma3Config(
+            text_config=text,
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=28,
+                patch_size=14,
+            ),
+            mm_tokens_per_image=4,
+            boi_token_index=VOCAB - 3,
+            eoi_token_index=VOCAB - 2,
+            image_token_index=VOCAB - 1,
+        )
     if name in ("phi3", "phi4mini"):
         partial = 0.75 if name == "phi4mini" else 1.0
         half = int(16 * partial) // 2
@@ -190,6 +207,7 @@ _MODEL_CLASS = {
     "phi3": "Phi3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "gemma3": "Gemma3ForConditionalGeneration",
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",

@@ -33,7 +33,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from cli_utils import run_module  # noqa: E402
 from flax import nnx  # noqa: E402
-from hf_fixtures import VOCAB  # noqa: E402
+from hf_fixtures import VOCAB, build_checkpoint  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from tokenizers_fixture import tokenizer_dir  # noqa: E402
 
@@ -76,6 +76,10 @@ CASES = {
     "gemma2": Case("chatml", LoraConfig(rank=4, alpha=8.0)),
     # q/k offset norms, per-layer RoPE, full fine-tuning
     "gemma3": Case("chatml", None),
+    # the language model of Gemma3ForConditionalGeneration (keys under language_model.), LoRA
+    # on every projection: the SigLIP tower's q/k/v_proj of the same names get none, and its
+    # tensors are carried into the merged export byte for byte
+    "gemma3_mm": Case("chatml", LoraConfig(rank=4, alpha=8.0)),
     # LoRA on the fused HF names (separate q/k/v, gate/up adapters, exported to PEFT as one
     # block-structured adapter per fused module); partial rotary, tied embeddings
     "phi4mini": Case(
@@ -201,7 +205,8 @@ def exported(request, hf_checkpoints, tmp_path_factory):
     """Load, perturb and export one family (merged, and the adapter for LoRA cases)."""
     family, case = request.param, CASES[request.param]
     root = tmp_path_factory.mktemp(f"export_{family}")
-    source = make_source(hf_checkpoints[family], case.tokenizer, root)
+    ckpt = hf_checkpoints.get(family) or build_checkpoint(family, root / family)
+    source = make_source(ckpt, case.tokenizer, root)
     model, cfg = jaxsft.load_hf(source, dtype="float32", lora=case.lora)
     perturb(model, seed=len(family), lora=case.lora is not None)
     ids = np.random.RandomState(7).randint(3, VOCAB, (2, 20)).astype(np.int32)
@@ -273,7 +278,18 @@ def test_merged_files(exported):
     keys = safetensors_keys(out)
     assert all(len(files) == 1 for files in keys.values())  # every key written exactly once
     assert not [k for k in keys if "lora" in k]
-    assert ("lm_head.weight" in keys) == (not cfg.tie_word_embeddings)
+    head = "language_model.lm_head.weight" if cfg.outer_config else "lm_head.weight"
+    assert (head in keys) == (not cfg.tie_word_embeddings)
+    if cfg.outer_config:  # a multimodal wrapper: the vision tower and projector, byte for byte
+        carried = [k for k in safetensors_keys(exported.source) if "language_model" not in k]
+        assert carried and all(k in keys for k in carried)
+        with (
+            safe_open(out / "model.safetensors", "np") as new,
+            safe_open(exported.source / "model.safetensors", "np") as old,
+        ):
+            for k in carried:
+                assert new.get_slice(k).get_dtype() == old.get_slice(k).get_dtype()
+                assert new.get_tensor(k).tobytes() == old.get_tensor(k).tobytes(), k
     index = out / "model.safetensors.index.json"
     if exported.case.max_shard_bytes < 1e6:
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -288,7 +304,7 @@ def test_merged_files(exported):
             assert sf.metadata() == {"format": "pt"}
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == "float32" and "torch_dtype" not in config
-    assert "rope_parameters" in config  # transformers 5.x style, as the source
+    assert "rope_parameters" in config.get("text_config", config)  # 5.x style, as the source
     assert (out / "generation_config.json").read_text() == (
         exported.source / "generation_config.json"
     ).read_text()

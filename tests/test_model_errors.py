@@ -185,12 +185,14 @@ def test_unknown_activation(ckpt):
 
 
 def test_gemma_refusals(hf_checkpoints, tmp_path):
-    """An unknown hidden_activation, an embedding model and a multimodal Gemma 3 checkpoint are
-    refused naming the file and the key, before any weight is read."""
+    """An unknown hidden_activation, an embedding model, a multimodal Gemma 3 config without a
+    text_config and a vision-only checkpoint are refused naming the file and the key, before
+    any weight is read."""
     cases = [
         ({"hidden_activation": "quick_gelu"}, "hidden_activation"),
         ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
-        ({"model_type": "gemma3"}, "gemma3"),
+        ({"model_type": "gemma3"}, "text_config"),
+        ({"model_type": "siglip_vision_model"}, "siglip_vision_model"),
     ]
     for i, (changes, needle) in enumerate(cases):
         path = shutil.copytree(hf_checkpoints["gemma3"], tmp_path / f"g{i}")

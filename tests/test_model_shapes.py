@@ -8,6 +8,7 @@ rope_scaling), trimmed of keys that do not affect the architecture.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
@@ -387,6 +388,66 @@ def test_gemma_config_reading():
     assert g3.local_rope_scaling is None and g3.qk_norm and g3.final_softcap is None
     for cfg in (g2, g3):
         assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+
+
+# google/gemma-3-4b-it's config.json as shipped (transformers 4.50): the text_config lists only
+# what differs from Gemma3TextConfig's defaults.
+GEMMA3_4B_MULTIMODAL = {
+    "architectures": ["Gemma3ForConditionalGeneration"],
+    "boi_token_index": 255999,
+    "eoi_token_index": 256000,
+    "eos_token_id": [1, 106],
+    "image_token_index": 262144,
+    "initializer_range": 0.02,
+    "mm_tokens_per_image": 256,
+    "model_type": "gemma3",
+    "text_config": {
+        "hidden_size": 2560,
+        "intermediate_size": 10240,
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 34,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "sliding_window": 1024,
+    },
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.50.0.dev0",
+    "vision_config": {
+        "hidden_size": 1152,
+        "image_size": 896,
+        "intermediate_size": 4304,
+        "model_type": "siglip_vision_model",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 27,
+        "patch_size": 14,
+        "vision_use_head": False,
+    },
+}
+
+
+def test_gemma3_multimodal_config():
+    """The language model of the shipped Gemma-3-4b-it config: the same architecture as the
+    text-only config of it, the tokens and dtype of the outer config, and config.json written
+    back as the multimodal one (vision_config untouched, text_config complete)."""
+    import copy
+
+    import jaxsft
+
+    cfg = ModelConfig.from_hf(copy.deepcopy(GEMMA3_4B_MULTIMODAL))
+    text = ModelConfig.from_hf(CONFIGS["Gemma-3-4b-text"])
+    plain = dict(
+        hf_config=None, outer_config=None, eos_token_ids=(), bos_token_id=2, pad_token_id=0
+    )
+    assert replace(cfg, **plain) == replace(text, **plain, source_dtype=cfg.source_dtype)
+    assert cfg.eos_token_ids == (1, 106) and cfg.source_dtype == "bfloat16"
+    count = sum(math.prod(x.shape) for x in jaxsft.model_shapes(GEMMA3_4B_MULTIMODAL).values())
+    assert count == PARAM_COUNTS["Gemma-3-4b-text"]
+    back = cfg.to_hf(dtype="float32")
+    assert back["model_type"] == "gemma3" and back["torch_dtype"] == "float32"
+    assert back["architectures"] == ["Gemma3ForConditionalGeneration"]
+    assert back["vision_config"] == GEMMA3_4B_MULTIMODAL["vision_config"]
+    assert back["text_config"]["model_type"] == "gemma3_text"
+    assert "architectures" not in back["text_config"] and "dtype" not in back["text_config"]
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg
 
 
 def test_phi_config_reading():

@@ -5,7 +5,9 @@ time to disk, with config.json, generation_config.json and the base checkpoint's
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import os
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from flax import nnx
 from jaxsft.errors import UserError
 from jaxsft.export.check import check_merged
 from jaxsft.export.files import (
+    SAFETENSORS_DTYPES,
     Planned,
     copy_tokenizer,
     host_array,
@@ -26,7 +29,16 @@ from jaxsft.export.files import (
 )
 from jaxsft.export.peft import adapted_linears, module_at
 from jaxsft.export.targets import export_dir
-from jaxsft.hf_io import DTYPES, Entry, hf_keys, hf_tensors, weight_table
+from jaxsft.hf_io import (
+    DTYPES,
+    Entry,
+    SafetensorsReader,
+    carried_keys,
+    hf_keys,
+    hf_tensors,
+    weight_table,
+)
+from jaxsft.models import families
 from jaxsft.models.config import ModelConfig
 from jaxsft.run_dir import write_json
 
@@ -46,7 +58,8 @@ def export_dtype(dtype: str, cfg: ModelConfig) -> str:
 
 
 class _Leaf:
-    """One state leaf as hf_tensors reads it: leaf[i] is layer i, np.asarray(leaf) all of it."""
+    """One state leaf as hf_tensors reads it: leaf[index] is the tensor at a stacked index
+    (layer, or layer and expert), np.asarray(leaf) all of it."""
 
     def __init__(self, get):
         self._get = get
@@ -69,11 +82,14 @@ def _state_view(model: nnx.Module, cfg: ModelConfig, get) -> dict:
     return view
 
 
-@functools.partial(jax.jit, static_argnames=("stacked", "transpose", "dtype"))
-def _hf_layout(w, i, a, b, scale, *, stacked: bool, transpose: bool, dtype):
-    """On device: layer i of w (+ scale * a[i] @ b[i] in float32), cast, transposed to HF."""
-    take = functools.partial(jax.lax.dynamic_index_in_dim, index=i, axis=0, keepdims=False)
-    if stacked:
+@functools.partial(jax.jit, static_argnames=("transpose", "dtype"))
+def _hf_layout(w, index, a, b, scale, *, transpose: bool, dtype):
+    """On device: w[index] (+ scale * a[index] @ b[index] in float32), cast, transposed to HF.
+    index: int32 [n], one entry per stacked axis (layer, expert); n = 0 for an unstacked w."""
+    for k in range(index.shape[0]):
+        take = functools.partial(
+            jax.lax.dynamic_index_in_dim, index=index[k], axis=0, keepdims=False
+        )
         w, a, b = take(w), (a if a is None else take(a)), (b if b is None else take(b))
     if a is not None:
         delta = jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32), precision="highest")
@@ -82,8 +98,8 @@ def _hf_layout(w, i, a, b, scale, *, stacked: bool, transpose: bool, dtype):
     return w.T if transpose else w
 
 
-def _merged_fetch(model: nnx.Module, np_dtype, entry: Entry, i) -> np.ndarray:
-    """Host copy of one tensor (layer i of a stacked one) with its LoRA delta folded in.
+def _merged_fetch(model: nnx.Module, np_dtype, entry: Entry, index) -> np.ndarray:
+    """Host copy of one tensor (w[index] of a stacked one) with its LoRA delta folded in.
 
     Merge, cast and transpose run on device; the host array is returned as a transposed view
     when hf_tensors will transpose it, so that its .T is contiguous (no host-side copy).
@@ -94,11 +110,10 @@ def _merged_fetch(model: nnx.Module, np_dtype, entry: Entry, i) -> np.ndarray:
     scale = np.float32(linear.lora_scale if lora else 0.0)
     out = _hf_layout(
         module_at(model, entry.path)[...],
-        np.int32(i or 0),
+        np.asarray(index or (), np.int32),
         a,
         b,
         scale,
-        stacked=i is not None,
         transpose=entry.transpose,
         dtype=np_dtype,
     )
@@ -106,10 +121,10 @@ def _merged_fetch(model: nnx.Module, np_dtype, entry: Entry, i) -> np.ndarray:
     return host.T if entry.transpose else host
 
 
-def _planned_fetch(model: nnx.Module, np_dtype, entry: Entry, i) -> np.ndarray:
+def _planned_fetch(model: nnx.Module, np_dtype, entry: Entry, index) -> np.ndarray:
     """Shape and dtype only: a zero-strided array, no memory."""
     shape = module_at(model, entry.path).shape
-    return np.broadcast_to(np.zeros((), np_dtype), shape if i is None else shape[1:])
+    return np.broadcast_to(np.zeros((), np_dtype), shape[len(index or ()) :])
 
 
 def _plan(model: nnx.Module, cfg: ModelConfig, np_dtype) -> list[Planned]:
@@ -121,10 +136,41 @@ def _plan(model: nnx.Module, cfg: ModelConfig, np_dtype) -> list[Planned]:
     view = _state_view(model, cfg, functools.partial(_planned_fetch, model, np_dtype))
     plan = [Planned(k, a.shape, a.dtype) for k, a, _ in hf_tensors(view, cfg)]
     keys = [p.key for p in plan]
-    expected = list(dict.fromkeys(k for e in weight_table(cfg) for k in hf_keys(e, cfg.num_layers)))
+    expected = list(dict.fromkeys(k for e in weight_table(cfg) for k in hf_keys(e)))
     assert len(set(keys)) == len(keys) and sorted(keys) == sorted(expected), "key mismatch"
     assert not any("lora" in k for k in keys)
     return plan
+
+
+@contextlib.contextmanager
+def _carried(cfg: ModelConfig, base_dir):
+    """(plan, tensors) of a multimodal checkpoint's tensors outside its language model (vision
+    tower, projector), read from the base checkpoint and written back as stored, byte for
+    byte. Nothing for a text model."""
+    if families.wrapped(cfg) is None:
+        yield [], iter(())
+        return
+    if base_dir is None:
+        raise UserError(
+            "exporting the language model of a multimodal checkpoint needs the base checkpoint "
+            "(its vision tower is copied from there)",
+            where="model.path",
+        )
+    stored = {code: name for name, code in SAFETENSORS_DTYPES.items()}
+    with SafetensorsReader(os.fspath(base_dir)) as reader:
+        keys = carried_keys(reader, cfg)
+        plan = []
+        for k in keys:
+            if reader.dtype(k) not in stored:
+                raise UserError(
+                    f"tensor {k!r} is stored as {reader.dtype(k)}; the export writes "
+                    f"{', '.join(stored)}",
+                    where=reader.file_of(k),
+                )
+            plan.append(
+                Planned(k, tuple(reader.shape(k)), np.dtype(DTYPES[stored[reader.dtype(k)]]))
+            )
+        yield plan, ((k, reader.tensor(k)) for k in keys)
 
 
 def export_merged(
@@ -153,12 +199,17 @@ def export_merged(
     np_dtype = np.dtype(DTYPES[name])
     plan = _plan(model, cfg, np_dtype)
     write = is_writer()
-    with export_dir(
-        out_dir, "merged", tokenizer_dir, run_dir=run_dir, force=force, step=step, write=write
-    ) as tmp:
+    with (
+        export_dir(
+            out_dir, "merged", tokenizer_dir, run_dir=run_dir, force=force, step=step, write=write
+        ) as tmp,
+        _carried(cfg, tokenizer_dir) as (carried_plan, carried),
+    ):
         view = _state_view(model, cfg, functools.partial(_merged_fetch, model, np_dtype))
-        tensors = ((k, a) for k, a, _ in hf_tensors(view, cfg))
-        write_safetensors(tmp, plan, tensors, max_shard_bytes=max_shard_bytes, write=write)
+        tensors = itertools.chain(((k, a) for k, a, _ in hf_tensors(view, cfg)), carried)
+        write_safetensors(
+            tmp, plan + carried_plan, tensors, max_shard_bytes=max_shard_bytes, write=write
+        )
         if write:
             write_json(tmp / "config.json", cfg.to_hf(dtype=name))
             write_generation_config(tokenizer_dir, tmp, cfg)

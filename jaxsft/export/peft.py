@@ -38,6 +38,7 @@ from jaxsft.export.check import (
 from jaxsft.export.files import Planned, host_layer, is_writer, write_safetensors
 from jaxsft.export.targets import export_dir
 from jaxsft.hf_io import DTYPES, hf_keys, tensor_groups, weight_table
+from jaxsft.models import families
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.lora import LoraConfig, LoRAParam
 from jaxsft.run_dir import write_json
@@ -50,9 +51,13 @@ def module_at(model: nnx.Module, path: tuple[str, ...]):
     return functools.reduce(getattr, path, model)
 
 
-def peft_key(hf_key: str, name: str) -> str:
-    """model.layers.0.self_attn.q_proj.weight -> base_model.model.model.layers.0...lora_A.weight"""
-    return f"{PREFIX}{hf_key.removesuffix('.weight')}.{name}.weight"
+def peft_key(cfg: ModelConfig, hf_key: str, name: str) -> str:
+    """model.layers.0.self_attn.q_proj.weight -> base_model.model.model.layers.0...lora_A.weight
+    (peft names adapters by transformers' module tree, which a multimodal wrapper arranges
+    differently from its checkpoint keys)."""
+    spec = families.wrapped(cfg)
+    module = hf_key.removesuffix(".weight") if spec is None else spec.module(hf_key)
+    return f"{PREFIX}{module.removesuffix('.weight')}.{name}.weight"
 
 
 def adapted_linears(model: nnx.Module, cfg: ModelConfig):
@@ -62,7 +67,7 @@ def adapted_linears(model: nnx.Module, cfg: ModelConfig):
         if entry.path[-1] == "kernel":
             linear = module_at(model, entry.path[:-1])
             if getattr(linear, "lora_a", None) is not None:
-                assert entry.stacked and entry.transpose, entry
+                assert len(entry.stack) == 1 and entry.transpose, entry  # per-layer adapters
                 out.append((entry, linear))
     found = {(*e.path[:-1], ab) for e, _ in out for ab in ("lora_a", "lora_b")}
     held = {tuple(p) for p, _ in nnx.to_flat_state(nnx.state(model, LoRAParam))}
@@ -87,14 +92,14 @@ def adapter_tensors(model, cfg: ModelConfig, fetch, rank: int):
     array. A fused module gets the block form of the module docstring (r' = parts x rank)."""
     for _, parts in adapted_groups(model, cfg):
         first = parts[0][0]
-        for i, key in enumerate(hf_keys(first, cfg.num_layers)):
+        for i, key in enumerate(hf_keys(first)):
             if len(parts) == 1:
                 linear = parts[0][1]
-                yield peft_key(key, "lora_A"), fetch(linear.lora_a, i).T
-                yield peft_key(key, "lora_B"), fetch(linear.lora_b, i).T
+                yield peft_key(cfg, key, "lora_A"), fetch(linear.lora_a, i).T
+                yield peft_key(cfg, key, "lora_B"), fetch(linear.lora_b, i).T
                 continue
-            yield peft_key(key, "lora_A"), _stacked_a(parts, fetch, i, rank)
-            yield peft_key(key, "lora_B"), _block_b(parts, fetch, i, rank)
+            yield peft_key(cfg, key, "lora_A"), _stacked_a(parts, fetch, i, rank)
+            yield peft_key(cfg, key, "lora_B"), _block_b(parts, fetch, i, rank)
 
 
 def _stacked_a(parts, fetch, i, r):
@@ -126,6 +131,7 @@ def adapter_config(cfg: ModelConfig, lora: LoraConfig, base_model_path: str, gro
     """adapter_config.json in peft's LoraConfig fields (peft fills the rest with defaults);
     groups: adapted_groups (fused modules get rank_pattern / alpha_pattern entries)."""
     fused = [(name, parts) for name, parts in groups if len(parts) > 1]
+    spec = families.wrapped(cfg)
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -146,6 +152,8 @@ def adapter_config(cfg: ModelConfig, lora: LoraConfig, base_model_path: str, gro
         "rank_pattern": {name: len(parts) * lora.rank for name, parts in fused},
         "alpha_pattern": {name: _fused_alpha(lora, len(parts)) for name, parts in fused},
         "revision": None,
+        # a multimodal wrapper: its vision tower has modules of the same names (q_proj, ...)
+        "exclude_modules": None if spec is None else spec.peft_exclude,
     }
 
 
@@ -238,10 +246,7 @@ def merge_adapter(model: nnx.Module, cfg: ModelConfig, adapter_dir) -> None:
             r = int((config.get("rank_pattern") or {}).get(name, config["r"]))
             alpha = (config.get("alpha_pattern") or {}).get(name, config["lora_alpha"])
             scale = np.float32(alpha / (math.sqrt(r) if config.get("use_rslora") else r))
-            keys = {
-                n: [peft_key(k, n) for k in hf_keys(first, cfg.num_layers)]
-                for n in ("lora_A", "lora_B")
-            }
+            keys = {n: [peft_key(cfg, k, n) for k in hf_keys(first)] for n in ("lora_A", "lora_B")}
             missing = sorted(set(keys["lora_A"] + keys["lora_B"]) - unused)
             if missing:
                 raise ExportCheckError(f"{adapter_dir}: no tensor {missing[0]!r}")

@@ -72,13 +72,25 @@ class ModelConfig:
     source_dtype: str = "float32"  # the dtype the checkpoint was stored in
     # The config.json dict this was read from (kept to write the same style back).
     hf_config: dict | None = dataclasses.field(default=None, compare=False, repr=False)
+    # A multimodal checkpoint's config.json (Gemma3ForConditionalGeneration) when this is its
+    # language model: hf_config is then its text_config, the language model's tensors sit
+    # under the family's prefix and every other tensor (vision tower, projector) is carried
+    # through the export unchanged. None for a text-only checkpoint.
+    outer_config: dict | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __hash__(self) -> int:  # rope_scaling is a dict; hash its JSON
         plain = dataclasses.replace(
-            self, rope_scaling=None, local_rope_scaling=None, hf_config=None
+            self, rope_scaling=None, local_rope_scaling=None, hf_config=None, outer_config=None
         )
         dicts = (self.rope_scaling, self.local_rope_scaling)
         return hash((dataclasses.astuple(plain), json.dumps(dicts, sort_keys=True)))
+
+    @property
+    def windowed_layers(self) -> tuple[bool, ...]:
+        """Per layer: does it use the sliding window (and the local RoPE, if any)."""
+        if self.sliding_window is None:
+            return (False,) * self.num_layers
+        return self.sliding_layers or (True,) * self.num_layers
 
     @property
     def rope_type(self) -> str:
@@ -122,6 +134,11 @@ class ModelConfig:
 
         return families.family_of(self.model_type).ARCHITECTURES[self.model_type]
 
+    @property
+    def hf_model_type(self) -> str:
+        """The model_type of the checkpoint's own config.json (the wrapper's, if any)."""
+        return (self.outer_config or {}).get("model_type", self.model_type)
+
     def to_hf(self, dtype: str | None = None) -> dict:
         """The config.json dict, in the style of the checkpoint it came from; `dtype` (default:
         the source's) goes under the key that style uses (torch_dtype in 4.x, dtype in 5.x)."""
@@ -149,13 +166,55 @@ class ModelConfig:
             hf["eos_token_id"] = eos[0] if len(eos) == 1 else eos
         write_rope(hf, self.rope_theta, self.rope_scaling, new_style=self._new_style())
         families.family_of(self.model_type).write(self, hf)
-        dtype_key = "torch_dtype" if "torch_dtype" in (self.hf_config or {}) else "dtype"
+        outer = self.outer_config
+        dtype_key = "torch_dtype" if "torch_dtype" in (outer or self.hf_config or {}) else "dtype"
+        if outer is not None:  # the language model goes back under the wrapper's text_config
+            hf.pop("architectures")
+            for key in ("torch_dtype", "dtype"):
+                if key not in self.hf_config:
+                    hf.pop(key, None)
+            hf, text = copy.deepcopy(outer), hf
+            hf["text_config"] = text
         hf[dtype_key] = dtype or self.source_dtype
         return hf
 
     def _new_style(self) -> bool:
         """Whether config.json is written in the transformers 5.x style (rope_parameters)."""
         return not self.hf_config or "rope_parameters" in self.hf_config
+
+
+def _swap_prefix(key: str, prefixes: dict) -> str:
+    for old, new in prefixes.items():
+        if key.startswith(old):
+            return new + key[len(old) :]
+    raise AssertionError(f"{key!r} is under none of {list(prefixes)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Wrapped:
+    """A multimodal checkpoint whose language model jaxsft trains (a family's WRAPPED entry).
+
+    text_model_type: the model_type of its text_config; text_defaults: the values of keys a
+    shipped text_config leaves out (its config class's defaults); prefixes: the text model's
+    key prefixes (model., lm_head.) as they appear in this checkpoint; every tensor outside
+    them is carried through the export byte for byte."""
+
+    text_model_type: str
+    text_defaults: dict
+    prefixes: dict
+    # transformers' module names of those keys (peft names adapters by them): {checkpoint
+    # prefix: module prefix}, and a regex of the carried modules peft must not adapt.
+    modules: dict
+    peft_exclude: str
+
+    def prefixed(self, key: str) -> str:
+        return _swap_prefix(key, self.prefixes)
+
+    def module(self, key: str) -> str:
+        return _swap_prefix(key, self.modules)
+
+    def carried(self, key: str) -> bool:
+        return not key.startswith(tuple(self.prefixes.values()))
 
 
 def write_rope(hf: dict, theta: float, scaling: dict | None, *, new_style: bool) -> None:

@@ -202,7 +202,7 @@ class Transformer(nnx.Module):
             )
         self.rope = _rope(cfg, cfg.rope_theta, cfg.rope_scaling)
         self.local_rope = None  # the windowed layers' RoPE when it differs (Gemma 3)
-        if cfg.local_rope_theta is not None and cfg.sliding_layers:
+        if cfg.local_rope_theta is not None and any(cfg.windowed_layers):
             self.local_rope = _rope(cfg, cfg.local_rope_theta, cfg.local_rope_scaling)
 
     def __call__(self, input_ids, positions=None, segment_ids=None):
@@ -286,7 +286,7 @@ class Transformer(nnx.Module):
             local = _tables(positions, segment_ids, self.local_rope, lengths)
         graphdef, state = nnx.split(self.layers)
         impl = self.attention_impl
-        windowed = jnp.asarray(self.cfg.sliding_layers or (False,) * self.cfg.num_layers)
+        windowed = jnp.asarray(self.cfg.windowed_layers)
         layer_ids = None if kv is None else jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
 
         def body(carry, xs):

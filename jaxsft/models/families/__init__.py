@@ -30,6 +30,8 @@ def parse(hf: dict, where: str):
     from jaxsft.models.config import ModelConfig, common_fields
 
     model_type = hf.get("model_type")
+    if model_type in WRAPPERS:  # a multimodal checkpoint: its language model
+        return _wrapped(hf, where, WRAPPERS[model_type])
     family = BY_TYPE.get(model_type)
     if family is None:
         hint = REFUSED.get(model_type) or f"supported: {', '.join(BY_TYPE)}"
@@ -44,11 +46,49 @@ def parse(hf: dict, where: str):
         raise UserError(f"bad value: {e}", where=where) from None
 
 
+# Multimodal model_types whose language model is trained (the rest is carried unchanged): the
+# family module that owns it; it defines WRAPPED = {model_type: Wrapped(...)}.
+WRAPPERS = {t: f for f in FAMILIES for t in getattr(f, "WRAPPED", {})}
+
+
+def _wrapped(hf: dict, where: str, family):
+    import copy
+    import dataclasses
+
+    spec = family.WRAPPED[hf["model_type"]]
+    text = hf.get("text_config")
+    if not isinstance(text, dict):
+        raise UserError(
+            f"a {hf['model_type']!r} config.json without a text_config object",
+            where=where,
+            hint="jaxsft trains the language model of a multimodal checkpoint; a vision-only "
+            "checkpoint has none",
+        )
+    tokens = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
+    text = {**spec.text_defaults, **tokens, **copy.deepcopy(text)}
+    text.setdefault("model_type", spec.text_model_type)
+    if text["model_type"] != spec.text_model_type:
+        raise UserError(
+            f"text_config.model_type {text['model_type']!r}, expected {spec.text_model_type!r}",
+            where=where,
+        )
+    cfg = parse(text, f"{where} (text_config)")
+    dtype = text.get("torch_dtype") or text.get("dtype") or hf.get("torch_dtype") or hf.get("dtype")
+    return dataclasses.replace(
+        cfg, outer_config=copy.deepcopy(hf), source_dtype=str(dtype or "float32")
+    )
+
+
+def wrapped(cfg):
+    """The Wrapped spec of a multimodal checkpoint's language model; None for a text model."""
+    if cfg.outer_config is None:
+        return None
+    return WRAPPERS[cfg.hf_model_type].WRAPPED[cfg.hf_model_type]
+
+
 # model_types people bring that are refused, with what to do.
 REFUSED = {
     "mixtral": "mixture-of-experts models are not supported yet",
     "qwen2_moe": "mixture-of-experts models are not supported yet",
     "qwen3_moe": "mixture-of-experts models are not supported yet",
-    "gemma3": "a multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration) is not "
-    "supported yet; the text-only Gemma 3 1B (model_type gemma3_text) is",
 }

@@ -6,10 +6,44 @@ Gemma 3: q/k norms; windowed layers use RoPE theta rope_local_base_freq (10k) an
 ones rope_theta (1M) with rope_scaling; every sliding_window_pattern-th layer is global (4.x)."""
 
 from jaxsft.errors import UserError
-from jaxsft.models.config import read_activation, read_rope, read_window, write_rope
+from jaxsft.models.config import Wrapped, read_activation, read_rope, read_window, write_rope
 
 MODEL_TYPES = ("gemma2", "gemma3_text")
 ARCHITECTURES = {"gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+
+# Gemma 3 4B and up (Gemma3ForConditionalGeneration): the language model under
+# language_model.model.* / language_model.lm_head.* (the layout the Hub checkpoints have and
+# transformers writes), a SigLIP vision tower and a projector carried unchanged. The shipped
+# text_config lists only what differs from Gemma3TextConfig's defaults (4.5x), filled in here.
+WRAPPED = {
+    "gemma3": Wrapped(
+        text_model_type="gemma3_text",
+        text_defaults=dict(
+            vocab_size=262208,
+            hidden_size=2304,
+            intermediate_size=9216,
+            num_hidden_layers=26,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            hidden_activation="gelu_pytorch_tanh",
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-6,
+            rope_theta=1_000_000.0,
+            rope_local_base_freq=10_000.0,
+            query_pre_attn_scalar=256,
+            sliding_window=4096,
+            sliding_window_pattern=6,
+            tie_word_embeddings=True,
+            bos_token_id=2,
+            eos_token_id=1,
+            pad_token_id=0,
+        ),
+        prefixes={"model.": "language_model.model.", "lm_head.": "language_model.lm_head."},
+        modules={"language_model.model.": "model.language_model.", "language_model.": ""},
+        peft_exclude=r"model\.(vision_tower|multi_modal_projector)\..*",
+    )
+}
 
 
 def _default_layers(hf: dict) -> list[bool]:
