@@ -20,6 +20,8 @@ import os
 import socket
 import tempfile
 
+import numpy as np
+
 from jaxsft.errors import UserError, WriteFailed
 
 CONFIG = "config.json"
@@ -251,7 +253,10 @@ def data_fingerprint(examples) -> str:
     for ids, mask in zip(examples.input_ids, examples.loss_mask, strict=True):
         h.update(len(ids).to_bytes(8, "little"))
         h.update(ids.astype("<i4").tobytes())
-        h.update(mask.astype("<i1").tobytes())
+        if np.array_equal(mask, np.round(mask)):  # 0/1 masks: the bytes earlier runs hashed
+            h.update(mask.astype("<i1").tobytes())
+        else:  # per-message loss weights: their values count
+            h.update(b"w" + mask.astype("<f4").tobytes())
     h.update(json.dumps([float(w) for w in examples.weights]).encode())
     return h.hexdigest()[:32]
 

@@ -14,7 +14,13 @@ import sys
 from jaxsft.config import load
 from jaxsft.errors import UserError, run_cli
 
-GREEN, RESET = "\033[1;32m", "\033[0m"
+RESET = "\033[0m"
+# How --show marks supervised tokens, by kind (chat.KIND_*): color on a terminal, else brackets.
+MARKS = {
+    1: ("\033[1;32m", "[[", "]]"),  # answer
+    2: ("\033[1;36m", "[[tool:", "]]"),  # tool-call syntax
+    3: ("\033[1;35m", "[[reasoning:", "]]"),  # rendered reasoning
+}
 
 
 def parse_args(argv: list[str]):
@@ -32,19 +38,46 @@ def parse_args(argv: list[str]):
     return args, rest
 
 
-def marked(tokenizer, ids, mask, color: bool) -> str:
-    """Decoded tokens with the supervised runs wrapped in [[...]] (or green when color)."""
+def marked(tokenizer, ids, mask, color: bool, kinds=None) -> str:
+    """Decoded tokens with the supervised runs wrapped in [[...]] (or green when color); with
+    kinds, tool-call runs as [[tool:...]] (cyan) and reasoning as [[reasoning:...]] (magenta)."""
+    kinds = [int(m > 0) for m in mask] if kinds is None else [int(k) for k in kinds]
     out, t = [], 0
     while t < len(ids):
         u = t
-        while u < len(ids) and mask[u] == mask[t]:
+        while u < len(ids) and kinds[u] == kinds[t]:
             u += 1
         text = tokenizer.decode(ids[t:u], skip_special_tokens=False)
-        if mask[t]:
-            text = f"{GREEN}{text}{RESET}" if color else f"[[{text}]]"
+        if kinds[t]:
+            code, left, right = MARKS[kinds[t]]
+            text = f"{code}{text}{RESET}" if color else f"{left}{text}{right}"
         out.append(text)
         t = u
     return "".join(out)
+
+
+def agentic_lines(a: dict) -> list[str]:
+    """Summary lines of the report's "agentic" section (only what is present)."""
+    lines, tc, turns = [], a["tool_calls"], a["turns"]
+    if tc["calls"]:
+        lines.append(
+            f"  tool calls: {tc['calls']} in {tc['examples']} examples ({tc['tokens']} "
+            f"supervised tokens); {tc['bad_json_arguments']['count']} with arguments that are "
+            f"not JSON, {tc['unknown_functions']['count']} of undefined functions"
+        )
+    if a["reasoning_tokens"]["count"]:
+        r = a["reasoning_tokens"]
+        share = 100 * r["share_of_supervised"]
+        lines.append(f"  reasoning: {r['count']} tokens ({share:.1f}% of supervised)")
+    for reason, d in a["template_drops"].items():
+        lines.append(f"  template drops {reason}: {d['count']} examples ({d['policy']})")
+    if turns["mode"] != "all":
+        lines.append(
+            f"  data.turns={turns['mode']}: {turns['conversations']} conversations -> "
+            f"{turns['examples']} examples, {turns['tokens']} tokens (one example per "
+            f"conversation: {turns['tokens_one_example_per_conversation']})"
+        )
+    return lines
 
 
 def summary(report: dict) -> str:
@@ -69,6 +102,7 @@ def summary(report: dict) -> str:
             "assistant turns"
         )
         lines.append(f"  supervised tokens: {sup['count']} ({100 * sup['share']:.1f}% of tokens)")
+        lines += agentic_lines(r["agentic"]) if "agentic" in r else []
         if pack:
             lines.append(
                 f"  {'packed' if pack['enabled'] else 'padded'} rows of {pack['max_length']}: "
@@ -88,15 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     from jaxsft.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(config.model.path)
-    data = pipeline.build_datasets(config, tokenizer, strict=False)
+    show = args.show if args.show is not None else int(config.data.get("show", 0))
+    data = pipeline.build_datasets(config, tokenizer, strict=False, show=show)
     path = check.write_report(config.run_dir, data.report)
     print(summary(data.report))
     print(f"report: {path}")
-    show = args.show if args.show is not None else int(config.data.get("show", 0))
     color = sys.stdout.isatty()
+    legend = "answer green, tool calls cyan, reasoning magenta" if color else "[[...]]"
     for i in range(min(show, len(data.train))):
-        print(f"\n--- {data.train.where[i]} (supervised {'green' if color else '[[...]]'})")
-        print(marked(tokenizer, data.train.input_ids[i].tolist(), data.train.loss_mask[i], color))
+        ids, mask = data.train.input_ids[i].tolist(), data.train.loss_mask[i]
+        print(f"\n--- {data.train.where[i]} (supervised: {legend})")
+        print(marked(tokenizer, ids, mask, color, data.train.kinds[i]))
     check.refuse_to_train(data.report)
     return 0
 

@@ -1,22 +1,28 @@
 """One example -> (input_ids, loss_mask), using the tokenizer's own chat template.
 
 Formats (see formats.py): conversational `messages`, ShareGPT `conversations`, `prompt`/`completion`
-(strings or message lists) and plain `text`. For conversations the supervised tokens are each
-assistant turn's content plus whatever the template emits after it up to and including its
-end-of-turn special token (`<|eot_id|>`, `<|im_end|>`, `<end_of_turn>`, `<|end|>`, ...); nothing
-of system/user/tool turns or of role headers.
+(strings or message lists) and plain `text`, with tool calls, tool definitions (`tools`, passed
+to the template), reasoning and per-message weights. For conversations the supervised tokens
+are everything the template writes for each assistant turn after its role header: the rendered
+reasoning (`<think>...</think>`), the content, the tool-call syntax, and whatever follows up to
+and including the turn's end-of-turn special token (`<|eot_id|>`, `<|im_end|>`, `<end_of_turn>`,
+`<|end|>`, ...); nothing of system/user/tool turns, of the tool definitions or of role headers.
 
 How the mask is found:
 - a template with `{% generation %}` markers: the assistant mask of `apply_chat_template`;
 - any other template: the conversation is rendered once, in full (`tokenize=False`); each
-  assistant message's content is searched forward, in order, in that text (also in transformed
-  forms: trimmed, or with its `<think>` block rewritten/removed as Qwen3 templates do), then the
-  character spans become token spans through the fast tokenizer's offset mapping. Prefix
-  rendering is never used: Qwen3-style templates rewrite earlier turns.
-A message that cannot be located is an error, never a silently unsupervised turn.
+  assistant turn is located in that text (spans.py: by its content, or, for a turn with tool
+  calls, by a second rendering with that turn replaced by a marker), then the character spans
+  become token spans through the fast tokenizer's offset mapping. Prefix rendering is never
+  used: Qwen3-style templates rewrite earlier turns.
+A turn that cannot be located is an error, never a silently unsupervised turn. What the
+template silently leaves out of a supervised turn (the example's tools, a tool call, the
+content beside calls, the reasoning) is counted per reason in `drops` and handled by `on_drop`
+(formats.drop_policy).
 
-The ids equal `apply_chat_template(tokenize=True)["input_ids"]`: the rendered text is encoded with
-`add_special_tokens=False`, so a template that writes the BOS itself gets exactly one BOS.
+The ids equal `apply_chat_template(tokenize=True, tools=tools)["input_ids"]`: the rendered text
+is encoded with `add_special_tokens=False`, so a template that writes the BOS itself gets
+exactly one BOS.
 """
 
 from __future__ import annotations
@@ -27,13 +33,20 @@ from typing import Any
 
 import numpy as np
 
-from jaxsft.data.formats import InvalidExample, normalize
+from jaxsft.data import spans as sp
+from jaxsft.data.formats import InvalidExample, drop_policy, normalize, supervised_turns
 from jaxsft.errors import UserError
 from jaxsft.tokenizer import no_chat_template
 
 __all__ = ["InvalidExample", "normalize", "render", "render_many"]
 
-_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+# Kinds of supervised tokens (render's "kinds"; 0: not supervised).
+KIND_ANSWER, KIND_TOOL, KIND_REASONING = 1, 2, 3
+_KIND_CODES = {"tool": KIND_TOOL, "reasoning": KIND_REASONING}
+_PROBE_TOOL = {
+    "type": "function",
+    "function": {"name": "jaxsft_probe_tool", "description": "probe", "parameters": {}},
+}
 # Special tokens whose text looks like an end of turn / sequence (and not a header start).
 _EOT_NAME = re.compile(r"end|eot|eos|eom|^</", re.IGNORECASE)
 _NOT_EOT_NAME = re.compile(r"header|start|begin", re.IGNORECASE)
@@ -61,6 +74,7 @@ class TokInfo:
         pattern = "|".join(re.escape(t) for t in self.added_texts) or r"(?!x)x"
         # After an assistant content: optional whitespace then an added (control) token.
         self.follow = re.compile(r"\s*(?:" + pattern + ")")
+        self.renders_tools: bool | None = None  # probed on first use (renders_tools)
 
     @staticmethod
     def _looks_eot(tokenizer, i: int) -> bool:
@@ -103,86 +117,6 @@ def tok_info(tokenizer) -> TokInfo:
 
 
 # --------------------------------------------------------------------------------------------
-# Locating assistant contents in the rendered text
-# --------------------------------------------------------------------------------------------
-def _reasoning(m: dict) -> tuple[str | None, str]:
-    """(reasoning or None, visible answer) of an assistant message."""
-    content = m["content"]
-    for k in _REASONING_KEYS:
-        if isinstance(m.get(k), str):
-            return m[k].strip(), content
-    if "</think>" in content:
-        head, _, answer = content.rpartition("</think>")
-        return head.split("<think>")[-1].strip(), answer
-    return None, content
-
-
-def _first_strict(text: str, cand: str, cursor: int, info: TokInfo) -> int:
-    """First occurrence of `cand` at/after cursor that is followed by a control token, or -1."""
-    pos = text.find(cand, cursor)
-    while pos >= 0:
-        if info.follow.match(text, pos + len(cand)):
-            return pos
-        pos = text.find(cand, pos + 1)
-    return -1
-
-
-def _locate_assistant(text: str, m: dict, cursor: int, info: TokInfo) -> tuple[int, int] | None:
-    """Character span of an assistant message's (possibly transformed) content, or None."""
-    reasoning, answer = _reasoning(m)
-    content = m["content"]
-    cands = {content: False, content.strip(): False}  # text -> is a transformed (think) form
-    if reasoning is not None:
-        for c in (answer, answer.strip(), answer.lstrip("\n")):
-            cands.setdefault(c, True)
-    cands = {c: t for c, t in cands.items() if c}
-    best = None  # (pos, len, transformed)
-    for c, transformed in cands.items():  # earliest strict match wins; on a tie the longer one
-        pos = _first_strict(text, c, cursor, info)
-        if pos >= 0 and (best is None or (pos, -len(c)) < (best[0], -best[1])):
-            best = (pos, len(c), transformed)
-    if best is None:  # templates that write text between the content and its end token
-        for c in (content, content.strip()):
-            pos = text.find(c, cursor) if c else -1
-            if pos >= 0:
-                best = (pos, len(c), False)
-                break
-    if best is None:
-        return None
-    start, end = best[0], best[0] + best[1]
-    if best[2]:
-        # The template re-wrote the think block (or dropped it): supervise it where it survives.
-        think = re.compile(r"<think>\s*" + re.escape(reasoning) + r"\s*</think>\s*\Z")
-        hit = think.search(text, cursor, start)
-        if hit:
-            start = hit.start()
-    return start, end
-
-
-def assistant_char_spans(text: str, messages: list, info: TokInfo) -> list[tuple[int, int, int]]:
-    """[(message index, char start, char end)] of every assistant content in `text`, in order."""
-    cursor, spans = 0, []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            c = m["content"]
-            for cand in (c, c.strip()):
-                pos = text.find(cand, cursor) if cand else -1
-                if pos >= 0:
-                    cursor = pos + len(cand)
-                    break
-            continue
-        span = _locate_assistant(text, m, cursor, info)
-        if span is None:
-            raise InvalidExample(
-                f"the content of assistant message {i} cannot be found in the chat template's "
-                "rendering, so its tokens cannot be supervised"
-            )
-        spans.append((i, *span))
-        cursor = span[1]
-    return spans
-
-
-# --------------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------------
 _SKIP = "data.on_invalid=skip drops invalid rows and lists them"
@@ -195,6 +129,21 @@ _REFUSAL_HINTS = {
     "with a user turn: merge consecutive turns of one role, fold tool turns into user turns",
     "": "rewrite the row into a conversation this chat template accepts, or remove it",
 }
+# data.on_drop="error": why the row is refused, per dropped thing.
+_DROP_REASONS = {
+    "tools": "the chat template does not render the example's tools: the model would learn to "
+    "call tools it was never shown",
+    "tool_call": "the chat template does not render {n} tool call(s) of the supervised turns: "
+    "those turns would be trained without their calls",
+    "content": "the chat template drops the content of {n} supervised assistant turn(s) that "
+    "also call tools",
+    "reasoning": "the chat template does not render the reasoning of {n} supervised assistant "
+    "turn(s) (a template that keeps only the last turn's reasoning needs data.turns=expand)",
+}
+_DROP_HINT = (
+    "use a chat template that renders it, or set data.on_drop=warn (train anyway, counted in "
+    f"data_report.json) or data.on_drop=allow ({_SKIP})"
+)
 
 
 def _apply_template(tokenizer, messages: list, where: str, **kwargs):
@@ -217,29 +166,95 @@ def _apply_template(tokenizer, messages: list, where: str, **kwargs):
         raise InvalidExample(reason) from e
 
 
-def _token_spans(enc, char_spans, info: TokInfo, with_eot: bool) -> list[tuple]:
-    """Char spans -> [(first token, last token inclusive, eot found)] via the fast tokenizer's
-    offsets (`enc` is a tokenizers.Encoding).
+def renders_tools(tokenizer, info: TokInfo) -> bool:
+    """Whether the chat template writes the `tools=` it is given (probed once per tokenizer)."""
+    if info.renders_tools is None:
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "hi"}],
+                tools=[_PROBE_TOOL],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            info.renders_tools = tool_probe_name() in text
+        except Exception:
+            info.renders_tools = False
+    return info.renders_tools
 
-    A token belongs to a span when its characters overlap it. With with_eot (chat spans),
-    special tokens at the span's edges are left out, and the span extends to the first special
-    token after it when that token is an end-of-turn token (everything the template emits in
-    between, e.g. tool calls, is the assistant's output too).
+
+def tool_probe_name() -> str:
+    return _PROBE_TOOL["function"]["name"]
+
+
+def _chat_text(tokenizer, norm: dict, where: str, on_drop: str, info: TokInfo):
+    """(rendered text, [(char start, char end, weight)] of the supervised turns, [(start, end,
+    kind)] char parts, drops {reason: n}) of a chat example."""
+    msgs, tools = norm["messages"], norm.get("tools")
+    text = _apply_template(tokenizer, msgs, where, tokenize=False, tools=tools)
+
+    def rendered(messages: list, **kw) -> str | None:
+        try:
+            return _apply_template(tokenizer, messages, where, tokenize=False, tools=tools, **kw)
+        except InvalidExample:
+            return None
+
+    def variant(i: int) -> str | None:
+        return rendered([*msgs[:i], sp.variant_message(msgs[i]), *msgs[i + 1 :]])
+
+    variant.cut = lambda i: rendered([*msgs[:i], sp.variant_message(msgs[i])])
+    kept = set(supervised_turns(norm))
+    turns = [t for t in sp.assistant_turns(text, msgs, info.follow, variant) if t.index in kept]
+    drops: dict[str, int] = {}
+    if tools and not renders_tools(tokenizer, info):
+        drops["tools"] = 1
+    for t in turns:
+        for reason in t.drops:
+            drops[reason] = drops.get(reason, 0) + 1
+    for reason, n in drops.items():
+        if drop_policy(on_drop, reason) == "error":
+            raise InvalidExample(_DROP_REASONS[reason].format(n=n), hint=_DROP_HINT)
+    weights = norm.get("weights") or [1.0] * len(msgs)
+    scale = norm.get("weight", 1.0)
+    char_spans = [(t.start, t.end, weights[t.index] * scale) for t in turns if t.end > t.start]
+    parts = [p for t in turns for p in sp.char_parts(text, t)]
+    return text, char_spans, parts, drops
+
+
+def _token_range(enc, s: int, e: int) -> tuple[int, int] | None:
+    """(first, last inclusive) token overlapping chars [s, e), or None."""
+    first, last = _char_token(enc, s, e, 1), _char_token(enc, e - 1, s - 1, -1)
+    if first is None or last is None:
+        return None
+    while last + 1 < len(enc.ids) and enc.token_to_chars(last + 1)[0] < e:
+        last += 1  # several tokens for the last character (byte pieces)
+    return first, last
+
+
+def _token_spans(enc, char_spans, info: TokInfo, with_eot: bool) -> list[tuple]:
+    """Char spans (start, end, weight) -> [(first token, last token inclusive, eot found,
+    weight)] via the fast tokenizer's offsets (`enc` is a tokenizers.Encoding).
+
+    A token belongs to a span when its characters overlap it. With with_eot (chat spans), a
+    special token at a span's edge that reaches outside the span is left out (Phi-3's role
+    tags have rstrip and absorb the whitespace at a content's edge: they are the header or the
+    end-of-turn token, not content), and the span extends to the first special token after it
+    when that token is an end-of-turn token (everything the template emits in between is the
+    assistant's output too).
     """
     ids, out = enc.ids, []
-    for s, e in char_spans:
-        first, last = _char_token(enc, s, e, 1), _char_token(enc, e - 1, s - 1, -1)
-        if first is not None and last is not None:
-            while last + 1 < len(ids) and enc.token_to_chars(last + 1)[0] < e:
-                last += 1  # several tokens for the last character (byte pieces)
-            # A special token with rstrip/lstrip (Phi-3's role tags) absorbs the whitespace at
-            # a content's edge: it is the header or the end-of-turn token, not content.
-            while with_eot and first <= last and ids[first] in info.special_ids:
-                first += 1
-            while with_eot and last >= first and ids[last] in info.special_ids:
-                last -= 1
-        if first is None or last is None or first > last:
-            out.append((-1, -1, False))
+    for s, e, w in char_spans:
+        rng = _token_range(enc, s, e)
+        first, last = rng if rng else (0, -1)
+        while with_eot and first <= last and ids[first] in info.special_ids:
+            if enc.token_to_chars(first)[0] >= s:
+                break
+            first += 1
+        while with_eot and last >= first and ids[last] in info.special_ids:
+            if enc.token_to_chars(last)[1] <= e and enc.token_to_chars(last)[0] > s:
+                break
+            last -= 1
+        if first > last:
+            out.append((-1, -1, False, w))
             continue
         eot = False
         if with_eot:
@@ -248,7 +263,7 @@ def _token_spans(enc, char_spans, info: TokInfo, with_eot: bool) -> list[tuple]:
                     if ids[t] in info.eot_ids:
                         last, eot = t, True
                     break
-        out.append((first, last, eot))
+        out.append((first, last, eot, w))
     return out
 
 
@@ -261,27 +276,37 @@ def _char_token(enc, pos: int, stop: int, step: int) -> int | None:
     return None
 
 
-def _finish(ids, turns: list[tuple], max_length: int | None) -> dict:
+def _finish(ids, turns: list[tuple], max_length: int | None, parts=()) -> dict:
     """Mask from token spans, truncation keeping the start, and per-turn accounting.
 
-    input_ids / loss_mask come back as int32 numpy arrays (`render` makes them lists)."""
+    turns: [(first, last, eot, weight)]; parts: [(first, last, kind code)] inside them.
+    input_ids / loss_mask / kinds come back as numpy arrays (`render` makes them lists);
+    loss_mask is int32 0/1, or float32 when a weight is not 1."""
     n = len(ids)
-    mask = np.zeros(n, np.int32)
-    for first, last, _ in turns:
+    weighted = any(w != 1 for *_, w in turns)
+    mask = np.zeros(n, np.float32 if weighted else np.int32)
+    kinds = np.zeros(n, np.int8)
+    for first, last, _, w in turns:
         if first >= 0:
-            mask[first : last + 1] = 1
+            mask[first : last + 1] = w
+            kinds[first : last + 1] = KIND_ANSWER
+    for first, last, code in parts:
+        kinds[first : last + 1] = code
     mask[0] = 0  # position 0 is never a target
+    kinds[mask == 0] = 0
     limit = n if not max_length else min(n, int(max_length))
     return {
         "input_ids": np.asarray(ids[:limit], np.int32),
         "loss_mask": mask[:limit],
+        "kinds": kinds[:limit],
         "length": n,
         "truncated": n > limit,
         "n_assistant_turns": len(turns),
-        "assistant_turns_cut": sum(1 for f, last, _ in turns if last >= limit),
-        "assistant_turns_lost": sum(1 for f, _, _ in turns if f >= limit),
-        "turns_without_eot": sum(1 for f, last, eot in turns if not eot and last < limit),
-        "turns_empty": sum(1 for f, _, _ in turns if f < 0),
+        "assistant_turns_cut": sum(1 for f, last, *_ in turns if last >= limit),
+        "assistant_turns_lost": sum(1 for f, *_ in turns if f >= limit),
+        "turns_without_eot": sum(1 for f, last, eot, _ in turns if not eot and last < limit),
+        "turns_empty": sum(1 for f, *_ in turns if f < 0),
+        "drops": {},
     }
 
 
@@ -293,6 +318,7 @@ def _generation_render(tokenizer, norm: dict, info: TokInfo, max_length, where: 
         tokenize=True,
         return_dict=True,
         return_assistant_tokens_mask=True,
+        tools=norm.get("tools"),
     )
     ids = np.asarray(out["input_ids"], np.int64)
     m = np.asarray(out["assistant_masks"], np.int32)
@@ -304,10 +330,12 @@ def _generation_render(tokenizer, norm: dict, info: TokInfo, max_length, where: 
             f"the template's {{% generation %}} blocks mark {len(runs)} spans for "
             f"{len(roles)} assistant messages"
         )
+    kept = set(supervised_turns(norm))
+    weights = norm.get("weights") or [1.0] * len(norm["messages"])
     turns = [
-        (int(f), int(last), int(ids[last]) in info.eot_ids)
+        (int(f), int(last), int(ids[last]) in info.eot_ids, weights[i] * norm.get("weight", 1.0))
         for (f, last), i in zip(runs, roles, strict=True)
-        if i >= norm["supervise_from"]
+        if i in kept
     ]
     return _finish(ids, turns, max_length)
 
@@ -319,12 +347,15 @@ def render_many(
     wheres: list[str] | None = None,
     on_error: str = "raise",
     normalized: bool = False,
+    on_drop: str = "auto",
 ) -> tuple[list[dict | None], list[tuple[int, str]]]:
     """Render many examples, encoding the texts in one batch call of the fast tokenizer.
 
     Returns (rendered, errors): rendered[i] is None for a failed example and errors lists
     (index, reason). With on_error="raise" the first failure is a `UserError` naming
     wheres[i] (or "example i"). normalized=True: the examples come from `normalize` already.
+    on_drop (data.on_drop): what a template that silently leaves something out makes of the
+    example (formats.drop_policy); rendered[i]["drops"] counts what was left out.
     """
     info, mode = tok_info(tokenizer), template_mode(tokenizer)
     texts, plans, errors, hints = [], [], [], {}
@@ -333,30 +364,32 @@ def render_many(
         where = wheres[i] if wheres else f"example {i}"
         try:
             norm = ex if normalized else normalize(ex)
+            drops, parts, w = {}, [], norm.get("weight", 1.0)
             if norm["format"] == "chat":
                 if mode == "none":  # the tokenizer's fault, not the row's: never skipped
                     raise _no_template(tokenizer, where)
                 if mode == "generation":
                     results[i] = _generation_render(tokenizer, norm, info, max_length, where)
                     continue
-                text = _apply_template(tokenizer, norm["messages"], where, tokenize=False)
-                spans = assistant_char_spans(text, norm["messages"], info)
-                spans = [(s, e) for j, s, e in spans if j >= norm["supervise_from"]]
+                text, spans, parts, drops = _chat_text(tokenizer, norm, where, on_drop, info)
             elif norm["format"] == "prompt_completion":
                 text = norm["prompt"] + norm["completion"]
-                spans = [(len(norm["prompt"]), len(text))]
+                spans = [(len(norm["prompt"]), len(text), w)]
             else:
-                text, spans = norm["text"], [(0, len(norm["text"]))]
+                text, spans = norm["text"], [(0, len(norm["text"]), w)]
             if norm["format"] != "chat" and info.eos_id is None:
                 raise InvalidExample("the tokenizer has no EOS token to end a text example")
             texts.append(text)
-            plans.append((i, norm["format"], spans))
+            plans.append((i, norm["format"], spans, parts, drops))
         except InvalidExample as e:
             errors.append((i, str(e)))
             hints[i] = e.hint
     if texts:
-        for (i, fmt, spans), enc in zip(plans, _encode(tokenizer, texts), strict=True):
-            results[i] = _encode_one(enc, fmt, spans, info, max_length)
+        for (i, fmt, spans, parts, drops), enc in zip(
+            plans, _encode(tokenizer, texts), strict=True
+        ):
+            results[i] = _encode_one(enc, fmt, spans, parts, info, max_length)
+            results[i]["drops"] = drops
     errors.sort()
     if errors and on_error == "raise":
         i, reason = errors[0]
@@ -388,26 +421,33 @@ def _encode(tokenizer, texts: list[str]) -> list:
     return tokenizer(texts, add_special_tokens=False).encodings
 
 
-def _encode_one(enc, fmt: str, spans, info: TokInfo, max_length) -> dict:
+def _encode_one(enc, fmt: str, spans, parts, info: TokInfo, max_length) -> dict:
     ids = enc.ids
     if fmt == "chat":
-        return _finish(ids, _token_spans(enc, spans, info, True), max_length)
-    ((first, _, _),) = _token_spans(enc, spans, info, False)
+        token_parts = [
+            (*rng, _KIND_CODES[kind])
+            for s, e, kind in parts
+            if (rng := _token_range(enc, s, e)) is not None
+        ]
+        return _finish(ids, _token_spans(enc, spans, info, True), max_length, token_parts)
+    ((first, _, _, w),) = _token_spans(enc, spans, info, False)
     first = first if first >= 0 else len(ids)
     ids = ids + [int(info.eos_id)]
-    turns = [(first, len(ids) - 1, True)]  # the appended EOS is supervised
+    turns = [(first, len(ids) - 1, True, w)]  # the appended EOS is supervised
     if info.bos_id is not None:
         ids = [int(info.bos_id)] + ids
-        turns = [(first + 1, len(ids) - 1, True)]
+        turns = [(first + 1, len(ids) - 1, True, w)]
     return _finish(ids, turns, max_length)
 
 
-def render(tokenizer, example: Any, max_length: int | None = None) -> dict:
-    """Render one example: {"input_ids", "loss_mask", "truncated", "n_assistant_turns", ...}.
+def render(tokenizer, example: Any, max_length: int | None = None, on_drop: str = "auto") -> dict:
+    """Render one example: {"input_ids", "loss_mask", "kinds", "truncated", "drops", ...}.
 
-    `loss_mask[t] == 1` means `input_ids[t]` is a supervised target (predicted from t-1);
-    position 0 is never one. Longer than max_length: truncated keeping the start.
-    Raises `UserError` for an invalid example.
+    `loss_mask[t]` > 0 means `input_ids[t]` is a supervised target (predicted from t-1), with
+    that loss weight (1 unless the row sets weights); position 0 is never one. `kinds[t]`:
+    KIND_ANSWER / KIND_TOOL / KIND_REASONING for supervised tokens, 0 otherwise. Longer than
+    max_length: truncated keeping the start. Raises `UserError` for an invalid example.
     """
-    (out,), _ = render_many(tokenizer, [example], max_length)
-    return {**out, "input_ids": out["input_ids"].tolist(), "loss_mask": out["loss_mask"].tolist()}
+    (out,), _ = render_many(tokenizer, [example], max_length, on_drop=on_drop)
+    lists = ("input_ids", "loss_mask", "kinds")
+    return {**out, **{k: out[k].tolist() for k in lists}}

@@ -67,9 +67,12 @@ def build_rows(
 ) -> dict[str, np.ndarray]:
     """Arrays [len(rows), capacity] for the given rows; an empty row is all padding."""
     b = len(rows)
+    # int32 0/1, or float32 loss weights: the dtype of the examples' masks, whatever the rows
+    weighted = len(loss_mask) and np.asarray(loss_mask[0]).dtype.kind == "f"
+    mask_dtype = np.float32 if weighted else np.int32
     out = {
         "input_ids": np.full((b, capacity), pad_id, np.int32),
-        "loss_mask": np.zeros((b, capacity), np.int32),
+        "loss_mask": np.zeros((b, capacity), mask_dtype),
         "segment_ids": np.zeros((b, capacity), np.int32),
         "positions": np.zeros((b, capacity), np.int32),
     }

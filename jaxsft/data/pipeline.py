@@ -28,7 +28,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxsft.data import check, packing, readers
+from jaxsft.data import check, formats, packing, readers
 from jaxsft.data.chat import render_many
 from jaxsft.errors import UserError
 from jaxsft.tokenizer import pad_id as tokenizer_pad_id
@@ -45,6 +45,7 @@ class Examples:
     where: list[str]
     source: np.ndarray  # int [E]: mixture component of each example
     weights: list[float]  # mixture weights, one per component
+    kinds: list[np.ndarray] = dataclasses.field(default_factory=list)  # first few (--show)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -66,12 +67,13 @@ class Datasets:
     pad_id: int
 
 
-def build_datasets(config, tokenizer, *, strict: bool = True) -> Datasets:
+def build_datasets(config, tokenizer, *, strict: bool = True, show: int = 0) -> Datasets:
     """Read, validate, render and report data.train / data.eval.
 
     strict=True runs `check.refuse_to_train` on the report (a UserError when nothing is
     supervised or an assistant turn has no supervised end-of-turn token); the data-check CLI
-    passes strict=False to write the report first.
+    passes strict=False to write the report first, and show=N to keep the token kinds
+    (answer / tool call / reasoning) of the first N training examples.
     """
     d = config.data
     max_length = int(d.max_length)
@@ -79,10 +81,11 @@ def build_datasets(config, tokenizer, *, strict: bool = True) -> Datasets:
         raise UserError(f"data.max_length={max_length}", where="config", hint="use at least 2")
     if not readers.parse_sources(d.train):
         raise UserError("data.train is not set", where="config", hint="point it to a data file")
-    train, train_stats = _load_split(d.train, tokenizer, max_length, d.on_invalid)
+    opts = _render_options(d)
+    train, train_stats = _load_split(d.train, tokenizer, max_length, opts, show)
     evals, eval_stats = None, None
     if readers.parse_sources(d.get("eval", "")):
-        evals, eval_stats = _load_split(d.eval, tokenizer, max_length, d.on_invalid)
+        evals, eval_stats = _load_split(d.eval, tokenizer, max_length, opts)
     data = Datasets(train, evals, {}, max_length, bool(d.packing), tokenizer_pad_id(tokenizer))
     batch_size = int(config.train.batch_size)
     data.report = check.build_report(
@@ -110,35 +113,67 @@ def _print_drops(train_stats, eval_stats, max_length: int) -> None:
             print("\n".join(lines), flush=True)
 
 
-def _load_split(spec, tokenizer, max_length: int, on_invalid: str):
+def _render_options(d) -> dict:
+    """data.on_invalid / data.on_drop / data.turns, checked."""
+    opts = {
+        "on_invalid": d.on_invalid,
+        "on_drop": d.get("on_drop", "auto"),
+        "turns": d.get("turns", "all"),
+    }
+    for key, choices in (("on_drop", formats.DROP_POLICIES), ("turns", formats.TURN_MODES)):
+        if opts[key] not in choices:
+            raise UserError(
+                f"data.{key}={opts[key]!r}",
+                where="config",
+                hint="use one of " + ", ".join(f'"{c}"' for c in choices),
+            )
+    return opts
+
+
+def _jobs(rows: list, turns: str) -> list[tuple]:
+    """(row, example, first of its row, last of its row) of every example to render."""
+    out = []
+    for row in rows:
+        exs = formats.turn_examples(row.example, turns)
+        out += [(row, ex, j == 0, j == len(exs) - 1) for j, ex in enumerate(exs)]
+    return out
+
+
+def _load_split(spec, tokenizer, max_length: int, opts: dict, keep_kinds: int = 0):
     """Examples of a split and the per-example statistics the report needs."""
-    read = readers.read_rows(spec, on_invalid)
-    stats = check.SplitStats(read=read)
-    ids, masks, where, source = [], [], [], []
-    for lo in range(0, len(read.rows), RENDER_CHUNK):
-        chunk = read.rows[lo : lo + RENDER_CHUNK]
+    read = readers.read_rows(spec, opts["on_invalid"])
+    stats = check.SplitStats(read=read, on_drop=opts["on_drop"], turn_mode=opts["turns"])
+    ids, masks, where, source, kinds = [], [], [], [], []
+    jobs = _jobs(read.rows, opts["turns"])
+    for lo in range(0, len(jobs), RENDER_CHUNK):
+        chunk = jobs[lo : lo + RENDER_CHUNK]
         rendered, errors = render_many(
             tokenizer,
-            [r.example for r in chunk],
+            [ex for _, ex, _, _ in chunk],
             max_length,
-            wheres=[r.where for r in chunk],
-            on_error="raise" if on_invalid == "error" else "skip",
+            wheres=[row.where for row, *_ in chunk],
+            on_error="raise" if opts["on_invalid"] == "error" else "skip",
             normalized=True,
+            on_drop=opts["on_drop"],
         )
         for j, reason in errors:
-            read.skipped.append({"where": chunk[j].where, "reason": reason})
-        for row, out in zip(chunk, rendered, strict=True):
+            read.skipped.append({"where": chunk[j][0].where, "reason": reason})
+        for (row, _, first, last), out in zip(chunk, rendered, strict=True):
             if out is None:
                 continue
-            stats.add(row, out)
+            stats.add(row, out, first=first, last=last)
             if not out["loss_mask"].any():
                 continue  # no supervised token left (truncation): dropped, counted by stats
             ids.append(out["input_ids"])
             masks.append(out["loss_mask"])
             where.append(row.where)
             source.append(row.source)
+            if len(kinds) < keep_kinds:
+                kinds.append(out["kinds"])
+    if any(m.dtype.kind == "f" for m in masks):  # loss weights: one dtype for every batch
+        masks = [m.astype(np.float32) for m in masks]
     weights = [s["weight"] for s in read.sources]
-    examples = Examples(ids, masks, where, np.asarray(source, np.int64), weights)
+    examples = Examples(ids, masks, where, np.asarray(source, np.int64), weights, kinds)
     return examples, stats
 
 
