@@ -46,6 +46,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.packing = True
     # "error": an invalid row stops the start naming file and line; "skip": drop and report it.
     c.data.on_invalid = "error"
+    # When the chat template silently leaves out something a row has: "auto" refuses the row
+    # for dropped tools or tool calls (the model would learn the wrong thing) and warns for
+    # dropped reasoning or content beside calls; "error", "warn" or "allow" for all of them.
+    # A refused row follows data.on_invalid.
+    c.data.on_drop = "auto"
+    # "all": one example per conversation, every assistant turn supervised; "expand": one
+    # example per assistant turn (the conversation up to it, only it supervised, rendered as
+    # the model sees it when it generates that turn: what Qwen3-style templates that drop
+    # earlier reasoning need); "last": only the final assistant turn supervised.
+    c.data.turns = "all"
     # Number of rendered examples `python -m jaxsft.data check --show` prints by default.
     c.data.show = 0
 
@@ -84,7 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.peak_tflops = 0.0
     # Checkpoints to keep.
     c.train.keep_checkpoints = 2
-    # Evaluate held-out loss (and golden set) before the first step.
+    # Evaluate held-out loss (and the eval.* evals) before the first step.
     c.train.eval_at_start = True
     # Numerical guard: a step whose loss or gradients are not finite is skipped (parameters and
     # optimizer state unchanged) and counted; after this many consecutive skipped steps, or this
@@ -114,12 +124,33 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.tensor = 1
 
     c.eval = group()
-    # Golden set (JSONL with messages + expected), scored by generation before and after training.
+    # Each eval is one file ("" for none), read and validated at start, scored before training
+    # (train.eval_at_start), every train.eval_every steps and after training; its headline
+    # metrics go to metrics.jsonl and summary.json as NAME_METRIC, its rows after training to
+    # run_dir/NAME_after.json. Formats: docs/evaluation.md.
+    # Golden set (JSONL with messages + expected), scored by generation: golden_score; rows with
+    # "expected": null (or "label": "abstain") add golden_abstention_rate and
+    # golden_false_abstention_rate.
     c.eval.golden = ""
-    # Multiple-choice regression file (question, choices, answer), scored by log-likelihood.
+    # Multiple-choice regression file (question, choices, answer), scored by log-likelihood:
+    # mc_accuracy, and calibration of the choice probabilities: mc_ece (10 bins), mc_brier.
     c.eval.mc = ""
+    # IFEval prompts (the public JSONL: key, prompt, instruction_id_list, kwargs), generated and
+    # checked: ifeval_prompt_strict, ifeval_instruction_strict, ifeval_prompt_loose,
+    # ifeval_instruction_loose. Needs a larger eval.max_new_tokens (e.g. 512) to mean much.
+    c.eval.ifeval = ""
+    # Safety prompts (AdvBench goal,target CSV; XSTest prompt,type,label CSV; or JSONL
+    # {prompt, label: safe|unsafe}), judged by a refusal string matcher (a lower bound):
+    # safety_refusal_rate on unsafe prompts, safety_over_refusal_rate on safe ones.
+    c.eval.safety = ""
+    # New tokens per generated reply (golden, ifeval, safety), greedy.
     c.eval.max_new_tokens = 64
+    # > 0: the first N rows of each eval file only.
     c.eval.max_rows = 0
+    # Regression guard: when a general-capability metric (mc_accuracy, ifeval_prompt_strict,
+    # ifeval_instruction_strict) falls by more than this from before to after training, the
+    # summary's first line and report.md say so (advice: the exit code stays 0). 0 disables it.
+    c.eval.max_regression = 0.05
 
     c.export = group()
     # "merged", "peft" (LoRA runs), "both" or "none"; written when training ends.

@@ -24,7 +24,7 @@ def __getattr__(name):  # lazy: `import jaxsft` stays cheap and does not import 
     if name == "ModelConfig":
         return import_module("jaxsft.models.config").ModelConfig
     if name == "generate":
-        return import_module("jaxsft.sample").generate
+        return import_module("jaxsft.evals.sample").generate
     if name == "data":
         return import_module("jaxsft.data")
     raise AttributeError(f"module 'jaxsft' has no attribute {name!r}")

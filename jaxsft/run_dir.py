@@ -31,7 +31,6 @@ METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 SET_ASIDE = "checkpoints_set_aside"  # damaged checkpoints are moved here, never deleted
 SUMMARY = "summary.json"
-GOLDEN_AFTER = "golden_after.json"
 LOCK = ".jaxsft.lock"
 TENSORBOARD = "tensorboard"
 LOSS_PNG = "loss.png"

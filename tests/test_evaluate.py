@@ -1,4 +1,4 @@
-"""Golden-set and multiple-choice evaluation (jaxsft.golden, jaxsft.mc, python -m jaxsft.evaluate).
+"""Golden-set and multiple-choice evaluation (jaxsft.evals.golden, .mc, python -m jaxsft.evaluate).
 
 Metrics and scoring helpers are checked on hand-made values; the log-likelihoods of mc_eval
 against transformers on a tiny checkpoint; the CLI end to end on tiny checkpoints that carry a
@@ -18,9 +18,10 @@ from cli_utils import run_module
 
 import jaxsft
 from jaxsft.errors import UserError
-from jaxsft.evaluate import golden_eval, load_golden, load_mc, main, mc_eval
-from jaxsft.golden import normalize, pick_option, score_reply
-from jaxsft.mc import choice_pick, encode_pair, gather_logprobs, mc_prompt
+from jaxsft.evals import calibration, golden_eval, load_golden, load_mc, mc_eval
+from jaxsft.evals.cli import main
+from jaxsft.evals.golden import normalize, pick_option, score_reply
+from jaxsft.evals.mc import choice_pick, encode_pair, gather_logprobs, mc_prompt
 from jaxsft.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,7 +226,7 @@ def hf_choice_logprobs(path, tokenizer, row, style):
     """Reference: transformers' float32 forward over context + continuation per choice."""
     from hf_fixtures import hf_model
 
-    from jaxsft.mc import continuations
+    from jaxsft.evals.mc import continuations
 
     model = hf_model(path)
     out = []
@@ -253,6 +254,14 @@ def test_mc_eval_matches_transformers(loaded, tuned_dir, style):
     assert mc_eval(model, tok, rigged, style=style, batch_size=4)["accuracy"] == 1.0
     assert res["accuracy"] == np.mean([b == r["answer"] for b, r in zip(best, rows, strict=True)])
     assert set(res["subjects"]) == {r["subject"] for r in rows}
+    # calibration from the reference log-likelihoods' choice probabilities
+    probs = [calibration.choice_probs(w) for w in want]
+    np.testing.assert_allclose([r["probs"] for r in res["rows"]], probs, atol=1e-4)
+    answers = [r["answer"] for r in rows]
+    assert res["brier"] == pytest.approx(calibration.brier(probs, answers), abs=1e-4)
+    conf = [max(p) for p in probs]
+    correct = [b == a for b, a in zip(best, answers, strict=True)]
+    assert res["ece"] == pytest.approx(calibration.ece(conf, correct), abs=1e-4)
 
 
 # ----------------------------------------------------------------------------- golden + CLI

@@ -1,4 +1,4 @@
-"""KV-cache generation (jaxsft.sample): parity with transformers' greedy generate on every
+"""KV-cache generation (jaxsft.evals.sample): parity with transformers' greedy generate on every
 family, cache decoding == full recompute with left-padded batches, sampling reproducibility,
 eos handling, chat prompts, and no recompilation per token."""
 
@@ -14,7 +14,7 @@ from flax import nnx
 from hf_fixtures import VOCAB, hf_model
 
 import jaxsft
-from jaxsft.sample import encode_chat, generate_ids, left_pad, stop_ids, top_p_filter
+from jaxsft.evals.sample import encode_chat, generate_ids, left_pad, stop_ids, top_p_filter
 from jaxsft.tokenizer import load_tokenizer
 
 PROMPT_LENGTHS = (5, 11, 3)  # batches of 2: [3, 5] and [11 + a dummy row]

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxsft.evals.sample import generate_ids
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.transformer import Transformer
-from jaxsft.sample import generate_ids
 
 BENCH = ModelConfig(
     model_type="llama",

@@ -1,5 +1,5 @@
-"""The evals of a training run: held-out loss, golden set and multiple choice, read and
-validated at start and run before, during and after training."""
+"""The evals of a training run: held-out loss and the configured evals of jaxsft.evals (golden,
+mc, ifeval, safety), read and validated at start and run before, during and after training."""
 
 from __future__ import annotations
 
@@ -9,39 +9,30 @@ from jaxsft.data import pipeline
 
 
 class Evals:
-    """What is evaluated on eval steps: held-out loss (data.eval), the golden set (eval.golden,
-    greedy generation) and the multiple-choice regression file (eval.mc). Files are read and
-    validated at start, before anything is written."""
+    """What is evaluated on eval steps: held-out loss (data.eval) and every eval the `eval`
+    group configures. Files are read and validated at start, before anything is written."""
 
     def __init__(self, config, data, tokenizer):
-        from jaxsft.golden import load_golden
-        from jaxsft.mc import load_mc
+        from jaxsft import evals as evals_lib
 
         self.config, self.data, self.tokenizer = config, data, tokenizer
-        e = config.eval
-        self.golden = load_golden(e.golden, max_rows=e.max_rows) if e.golden else None
-        self.mc = load_mc(e.mc, max_rows=e.max_rows) if e.mc else None
+        self.opts = evals_lib.options_from_config(config.eval)
+        self.suites = evals_lib.from_config(config.eval, self.opts)
         # Generation runs host-local; multi-host runs log the held-out loss only.
         if jax.process_count() > 1:
-            self.golden = self.mc = None
+            self.suites = []
 
     def __call__(self, trainer, details: dict | None = None) -> dict:
+        """Flat metrics ({eval_loss, golden_score, mc_accuracy, ...}); with `details`, each
+        eval's full result ({**metrics, "rows"}) is stored there under its name."""
         out = held_out_loss(trainer, self.data, self.config)
-        if self.golden or self.mc:
-            from jaxsft.golden import golden_eval
-            from jaxsft.mc import mc_eval
-
+        if self.suites:
             model = trainer.model()
-            if self.golden:
-                g = golden_eval(model, self.tokenizer, self.golden, self.config.eval.max_new_tokens)
-                out["golden_score"] = g["score"]
+            for ev in self.suites:
+                metrics, rows = ev.run(model, self.tokenizer, self.opts)
+                out.update(ev.headline(metrics))
                 if details is not None:
-                    details["golden"] = g
-            if self.mc:
-                m = mc_eval(model, self.tokenizer, self.mc)
-                out["mc_accuracy"] = m["accuracy"]
-                if details is not None:
-                    details["mc"] = {k: v for k, v in m.items() if k != "rows"}
+                    details[ev.name] = {**metrics, "rows": rows}
         return out
 
 

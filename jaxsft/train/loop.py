@@ -15,6 +15,7 @@ from jaxsft import metrics as metrics_lib
 from jaxsft import run_dir as rd
 from jaxsft.data import check
 from jaxsft.errors import TrainingStopped, UserError, background_errors_to
+from jaxsft.evals import report
 from jaxsft.train.guard import NumericalGuard, StopRequest
 from jaxsft.train.start import Start, prepare
 
@@ -84,7 +85,9 @@ def train(config, s: Start, stop: StopRequest) -> dict:
     try:
         with jax.set_mesh(trainer.mesh):
             if s.step == 0 and tc.eval_at_start:
-                log.log(0, s.evals(trainer))
+                details = {}
+                log.log(0, s.evals(trainer, details))
+                write_eval_rows(config, details, report.before_file)
             try:
                 step = train_loop(config, s, log, guard, end, stop)
             except TrainingStopped:
@@ -219,6 +222,9 @@ def finish(config, trainer, evals, step, resumed_finished=False) -> dict:
     with jax.set_mesh(trainer.mesh):
         after = evals(trainer, details)
     summary = {"step": step, "before": logged_at(config.run_dir, 0), "after": after}
+    max_drop = float(config.eval.max_regression)
+    summary["regressions"] = report.regressions(summary["before"], after, max_drop)
+    summary["verdict"] = report.verdict(summary["regressions"], max_drop)
     if jax.process_index() == 0:
         metrics_lib.append_row(config.run_dir, {"step": step, **after})
         metrics_lib.plot_loss(
@@ -229,10 +235,31 @@ def finish(config, trainer, evals, step, resumed_finished=False) -> dict:
     summary["exported"] = hooks.after_training(config, trainer, step=step)
     if jax.process_index() == 0:
         rd.write_json(summary_path, summary)
-        if "golden" in details:
-            rd.write_json(rd.path(config.run_dir, rd.GOLDEN_AFTER), details["golden"])
+        write_eval_rows(config, details, report.after_file)
+        write_report(config.run_dir, summary, details)
         print(format_summary(summary))
     return summary
+
+
+def write_eval_rows(config, details: dict, file_of) -> None:
+    """Each eval's metrics and rows (process 0): golden_before.json, golden_after.json, ..."""
+    if jax.process_index() == 0:
+        for name, result in details.items():
+            rd.write_json(rd.path(config.run_dir, file_of(name)), result)
+
+
+def write_report(run_dir: str, summary: dict, details: dict) -> None:
+    """report.md and evals.png of the before/after evals."""
+    before_path = rd.path(run_dir, report.before_file("golden"))
+    golden_before = None
+    if os.path.exists(before_path):
+        with open(before_path) as f:
+            golden_before = json.load(f).get("rows")
+    golden_after = (details.get("golden") or {}).get("rows")
+    text = report.markdown(summary, golden_before, golden_after)
+    rd.atomic_write(rd.path(run_dir, report.REPORT_MD), text)
+    rows = metrics_lib.read_rows(rd.path(run_dir, rd.METRICS))
+    report.plot(summary, rows, rd.path(run_dir, report.EVALS_PNG))
 
 
 def logged_at(run_dir: str, step: int) -> dict:
@@ -247,18 +274,16 @@ def logged_at(run_dir: str, step: int) -> dict:
 def format_summary(summary: dict) -> str:
     """A before/after table of the evals."""
     before, after = summary.get("before", {}), summary.get("after", {})
-    keys = [
-        k
-        for k in ("eval_loss", "eval_token_accuracy", "golden_score", "mc_accuracy")
-        if k in before or k in after
-    ]
-    lines = [
+    keys = list(dict.fromkeys([*after, *before]))  # every eval's metrics, in run order
+    width = max([22, *(len(k) + 2 for k in keys)])
+    lines = [summary["verdict"]] if summary.get("regressions") else []
+    lines += [
         f"step {summary.get('step')}: evaluation before -> after training",
-        f"{'metric':<22}{'before':>10}{'after':>10}",
+        f"{'metric':<{width}}{'before':>10}{'after':>10}",
     ]
     for k in keys:
         b, a = before.get(k), after.get(k)
-        lines.append(f"{k:<22}{_fmt(b):>10}{_fmt(a):>10}")
+        lines.append(f"{k:<{width}}{_fmt(b):>10}{_fmt(a):>10}")
     for kind, path in (summary.get("exported") or {}).items():
         lines.append(f"exported {kind}: {path}")
     return "\n".join(lines)

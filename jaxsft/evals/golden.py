@@ -17,6 +17,10 @@ A golden file is JSONL, one row per line:
   - `choice`: `options` lists the allowed answers; the reply picks the option it equals
     (normalised, case-insensitive) or else the one it mentions first (whole words); the row
     passes when that option is `expected`.
+Rows marked unanswerable (`"expected": null`, or `"label": "abstain"` without `expected`)
+pass when the reply abstains (jaxsft.evals.calibration.ABSTAIN_PHRASES): their metric is
+`abstain`, and the eval reports `abstention_rate` on them next to `false_abstention_rate` (the
+share of answerable rows whose reply abstains).
 Rows that break these rules are a UserError naming file:line.
 """
 
@@ -28,8 +32,11 @@ from collections.abc import Sequence
 
 from jaxsft.data.readers import read_jsonl
 from jaxsft.errors import UserError
+from jaxsft.evals import base
+from jaxsft.evals.calibration import abstains
 
 METRICS = ("exact", "contains", "regex", "choice")
+ABSTAIN = "abstain"  # the metric of an unanswerable row: passes when the reply abstains
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -56,6 +63,8 @@ def pick_option(reply: str, options: Sequence[str]) -> str | None:
 
 def score_reply(metric: str, reply: str, expected, options: Sequence[str] | None = None) -> bool:
     """True when `reply` passes `metric` against `expected` (a string or a list of strings)."""
+    if metric == ABSTAIN:
+        return abstains(reply)
     targets = [expected] if isinstance(expected, str) else list(expected)
     if metric == "exact":
         return any(normalize(reply) == normalize(t) for t in targets)
@@ -96,11 +105,21 @@ def _golden_row(obj, default_metric: str, where: str) -> dict:
     if messages is None and isinstance(obj.get("prompt"), str):
         messages = [{"role": "user", "content": obj["prompt"]}]
     _check_messages(messages, where)
+    label = obj.get("label")
+    if label is not None and label != ABSTAIN:
+        raise UserError(
+            f"unknown label {label!r}", where=where, hint="'abstain' marks an unanswerable row"
+        )
+    if label == ABSTAIN and obj.get("expected") is not None:
+        raise UserError("a row labelled 'abstain' has no 'expected' answer", where=where)
+    if label == ABSTAIN or ("expected" in obj and obj["expected"] is None):
+        return {"messages": messages, "expected": None, "metric": ABSTAIN, "options": None}
     if "expected" not in obj:
         raise UserError(
             "missing field 'expected'",
             where=where,
-            hint='each row needs {"messages": [...], "expected": ...}',
+            hint='each row needs {"messages": [...], "expected": ...} '
+            '("expected": null for a question the model should decline)',
         )
     expected = obj["expected"]
     if not (
@@ -168,42 +187,54 @@ def golden_eval(
     """Generate greedily for every row and score it.
 
     Returns {"score": pass share, "passed", "n", "by_metric": {metric: share}, "rows": [{line,
-    prompt (last message), messages, expected, metric, output, pass}]}.
+    prompt (last message), messages, expected, metric, output, pass}]} (+ abstention_rate and
+    false_abstention_rate when some rows are unanswerable).
     """
-    from jaxsft.sample import generate
+    opts = base.Options(max_new_tokens, batch_size=batch_size, eos_ids=tuple(eos_ids))
+    metrics, scored = score_golden(rows, base.generate_replies(model, tokenizer, rows, opts))
+    return {**metrics, "rows": scored}
 
-    outputs = generate(
-        model,
-        tokenizer,
-        [r["messages"] for r in rows],
-        max_new_tokens,
-        temperature=0.0,
-        batch_size=batch_size,
-        eos_ids=eos_ids,
-    )
-    scored = []
-    for row, out in zip(rows, outputs, strict=True):
-        ok = score_reply(row["metric"], out, row["expected"], row.get("options"))
-        scored.append(
-            {
-                "line": row.get("line"),
-                "prompt": row["messages"][-1]["content"],
-                "messages": row["messages"],
-                "expected": row["expected"],
-                "metric": row["metric"],
-                "output": out,
-                "pass": ok,
-            }
-        )
-    by_metric = {}
-    for m in sorted({r["metric"] for r in scored}):
-        sel = [r["pass"] for r in scored if r["metric"] == m]
-        by_metric[m] = sum(sel) / len(sel)
-    passed = sum(r["pass"] for r in scored)
-    return {
-        "score": passed / max(len(scored), 1),
-        "passed": passed,
-        "n": len(scored),
-        "by_metric": by_metric,
-        "rows": scored,
+
+def score_golden(rows: Sequence[dict], replies: Sequence[str]) -> tuple[dict, list[dict]]:
+    """(metrics, per-row results) of the replies to the golden rows (see golden_eval)."""
+    scored = [
+        {
+            "line": row.get("line"),
+            "prompt": row["messages"][-1]["content"],
+            "messages": row["messages"],
+            "expected": row["expected"],
+            "metric": row["metric"],
+            "output": out,
+            "pass": score_reply(row["metric"], out, row["expected"], row.get("options")),
+        }
+        for row, out in zip(rows, replies, strict=True)
+    ]
+    by_metric = {
+        m: base.share([r["pass"] for r in scored if r["metric"] == m])
+        for m in sorted({r["metric"] for r in scored})
     }
+    passed = sum(r["pass"] for r in scored)
+    metrics = {"score": base.share([r["pass"] for r in scored]), "passed": passed}
+    metrics.update(n=len(scored), by_metric=by_metric)
+    unanswerable = [r for r in scored if r["metric"] == ABSTAIN]
+    if unanswerable:
+        answerable = [r for r in scored if r["metric"] != ABSTAIN]
+        metrics["abstention_rate"] = base.share([r["pass"] for r in unanswerable])
+        metrics["false_abstention_rate"] = base.share([abstains(r["output"]) for r in answerable])
+    return metrics, scored
+
+
+def _load(path: str, opts: base.Options) -> list[dict]:
+    return load_golden(path, opts.metric, opts.max_rows)
+
+
+KIND = base.Kind(
+    name="golden",
+    load=_load,
+    keys=("score", "abstention_rate", "false_abstention_rate"),
+    pair=("output", "pass"),
+    verdict="pass",
+    labels={"score": "golden pass rate"},
+    lower_better=("false_abstention_rate",),
+    score=score_golden,
+)

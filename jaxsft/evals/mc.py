@@ -11,7 +11,9 @@ and every choice is scored by the log-likelihood of its continuation given that 
 " A", " B", ... with style="letter" (the harness' MMLU default), or " " + the choice text with
 style="text". The prediction is the choice with the highest summed log-likelihood
 (`accuracy`); `accuracy_mean` uses the mean log-likelihood per continuation token instead (the
-same for single-token letters, a length-normalised score for texts).
+same for single-token letters, a length-normalised score for texts). Calibration comes with
+it: `ece` and `brier` of the choice probabilities (softmax of the summed log-likelihoods over
+the choices; jaxsft.evals.calibration).
 
 Tokenisation follows the harness' pair encoding: context and context + continuation are encoded
 separately and the continuation is the tail of the second. The tokenizer's own special tokens
@@ -30,6 +32,7 @@ import numpy as np
 
 from jaxsft.data.readers import read_jsonl
 from jaxsft.errors import UserError
+from jaxsft.evals import base, calibration
 
 LETTERS = string.ascii_uppercase
 SEQ_BUCKET = 64  # sequence lengths are rounded up to a multiple of this (fewer compiles)
@@ -214,9 +217,9 @@ def mc_eval(
 ) -> dict:
     """Score every choice by log-likelihood; accuracy overall and per subject.
 
-    Returns {"accuracy", "accuracy_mean", "n", "style", "subjects": {subject: {"accuracy",
-    "accuracy_mean", "n"}}, "rows": [{line, subject, answer, pred, pred_mean, logprob_sum,
-    logprob_mean, correct}]}.
+    Returns {"accuracy", "accuracy_mean", "ece", "brier", "n", "style", "subjects": {subject:
+    {"accuracy", "accuracy_mean", "n"}}, "rows": [{line, subject, answer, pred, pred_mean,
+    logprob_sum, logprob_mean, probs, correct}]}.
     """
     seqs, plan = _requests(tokenizer, rows, style)
     lps = sequence_logprobs(model, seqs, _reads_per_seq(seqs, plan), batch_size)
@@ -229,6 +232,7 @@ def mc_eval(
             cursor[s] += len(targets)
             per_choice.append((float(vals.sum()), len(targets)))
         pred, pred_mean = choice_pick(per_choice)
+        probs = calibration.choice_probs([s for s, _ in per_choice])
         scored.append(
             {
                 "line": row.get("line"),
@@ -238,10 +242,25 @@ def mc_eval(
                 "pred_mean": pred_mean,
                 "logprob_sum": [s for s, _ in per_choice],
                 "logprob_mean": [s / n for s, n in per_choice],
+                "probs": probs,
                 "correct": pred == row["answer"],
             }
         )
-    return {**_accuracy(scored), "style": style, "subjects": _by_subject(scored), "rows": scored}
+    return {
+        **_accuracy(scored),
+        **calibration_metrics(scored),
+        "style": style,
+        "subjects": _by_subject(scored),
+        "rows": scored,
+    }
+
+
+def calibration_metrics(scored: Sequence[dict]) -> dict:
+    """ECE (10 bins) and Brier score of the rows' choice probabilities."""
+    return {
+        "ece": calibration.ece([max(r["probs"]) for r in scored], [r["correct"] for r in scored]),
+        "brier": calibration.brier([r["probs"] for r in scored], [r["answer"] for r in scored]),
+    }
 
 
 def _accuracy(scored: Sequence[dict]) -> dict:
@@ -256,3 +275,22 @@ def _accuracy(scored: Sequence[dict]) -> dict:
 def _by_subject(scored: Sequence[dict]) -> dict:
     subjects = sorted({r["subject"] for r in scored if r["subject"]})
     return {s: _accuracy([r for r in scored if r["subject"] == s]) for s in subjects}
+
+
+def _run(model, tokenizer, rows, opts: base.Options) -> tuple[dict, list[dict]]:
+    out = mc_eval(model, tokenizer, rows, style=opts.mc_style, batch_size=opts.batch_size)
+    rows_out = out.pop("rows")
+    return out, rows_out
+
+
+KIND = base.Kind(
+    name="mc",
+    load=lambda path, opts: load_mc(path, opts.max_rows),
+    keys=("accuracy", "ece", "brier"),
+    pair=("pred", "correct"),
+    verdict="correct",
+    labels={"accuracy": "multiple-choice accuracy"},
+    lower_better=("ece", "brier"),
+    general=("accuracy",),
+    run=_run,
+)
