@@ -86,10 +86,28 @@ def weight_table(cfg: ModelConfig) -> list[Entry]:
     if cfg.qk_norm:
         add("self_attn.q_norm.weight", ("self_attn", "q_norm", "scale"))
         add("self_attn.k_norm.weight", ("self_attn", "k_norm", "scale"))
-    for proj in ("gate_proj", "up_proj", "down_proj"):
-        add(f"mlp.{proj}.weight", ("mlp", proj, "kernel"), True)
-        if cfg.mlp_bias:
-            add(f"mlp.{proj}.bias", ("mlp", proj, "bias"))
+    projections = ("gate_proj", "up_proj", "down_proj")
+    if cfg.num_experts:  # router, per-expert matrices (stacked [L, E, ...]), shared expert
+        add("mlp.gate.weight", ("mlp", "gate", "kernel"), True)
+        for proj in projections:
+            key, path = (
+                f"{layer}mlp.experts.{{j}}.{proj}.weight",
+                ("layers", "mlp", "experts", proj),
+            )
+            table.append(Entry(key, path, True, (cfg.num_layers, cfg.num_experts)))
+        if cfg.shared_expert_size:
+            for proj in projections:
+                add(
+                    f"mlp.shared_expert.{proj}.weight",
+                    ("mlp", "shared_expert", proj, "kernel"),
+                    True,
+                )
+            add("mlp.shared_expert_gate.weight", ("mlp", "shared_expert_gate", "kernel"), True)
+    else:
+        for proj in projections:
+            add(f"mlp.{proj}.weight", ("mlp", proj, "kernel"), True)
+            if cfg.mlp_bias:
+                add(f"mlp.{proj}.bias", ("mlp", proj, "bias"))
     table.append(Entry("model.norm.weight", ("norm", "scale"), False))
     if not cfg.tie_word_embeddings:
         table.append(Entry("lm_head.weight", ("lm_head", "kernel"), True))

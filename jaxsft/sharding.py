@@ -30,6 +30,7 @@ RULES = {
     "norm": None,
     "head_dim": None,
     "lora_rank": None,
+    "expert": None,  # experts replicated (an expert mesh axis: the MoE issue)
 }
 
 

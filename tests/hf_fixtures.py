@@ -24,6 +24,9 @@ One checkpoint per family and per quirk the loader must handle:
 - `phi4mini`: Phi-4-mini layout: the same plus partial rotary 0.75 and tied embeddings;
 - `gemma3_4x_config`: the same model with its config.json in the 4.x style (rope_theta,
   rope_scaling, rope_local_base_freq, sliding_window_pattern instead of layer_types).
+- `mixtral`, `qwen2_moe` (shared expert behind a sigmoid gate, no renormalisation),
+  `qwen3_moe` (8 experts, q/k norms, norm_topk_prob): sparse MoE MLPs on every layer, per-expert
+  tensors in the file (block_sparse_moe.experts.{j}.w1/w2/w3, mlp.experts.{j}.*_proj).
 
 Every RMSNorm weight is random (not ones) so that a missing or misplaced norm is caught, and
 the init scale is large enough that attention is far from uniform (so RoPE and mask errors
@@ -53,6 +56,9 @@ FAMILIES = (
     "gemma3_4x_config",
     "phi3",
     "phi4mini",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
 )
 # Built on demand by the tests that need them, not part of the per-family parity set.
 EXTRA = ("qwen2_layer_window", "gemma3_mm")
@@ -164,6 +170,39 @@ def _hf_config(name: str):
                 "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
             },
         )
+    if name == "mixtral":  # 8 experts, 2 per token, renormalised
+        return tf.MixtralConfig(
+            **_COMMON,
+            num_hidden_layers=2,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            rope_parameters={"rope_theta": 1e6, "rope_type": "default"},
+            tie_word_embeddings=False,
+        )
+    if name == "qwen2_moe":  # q/k/v bias, shared expert with its sigmoid gate, no renorm
+        return tf.Qwen2MoeConfig(
+            **_COMMON,
+            num_hidden_layers=2,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            norm_topk_prob=False,
+            rope_parameters={"rope_theta": 1e6, "rope_type": "default"},
+            tie_word_embeddings=False,
+        )
+    if name == "qwen3_moe":  # q/k norms, 8 experts, 2 per token, renormalised (as shipped)
+        return tf.Qwen3MoeConfig(
+            **_COMMON,
+            num_hidden_layers=2,
+            head_dim=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            rope_parameters={"rope_theta": 1e6, "rope_type": "default"},
+            tie_word_embeddings=False,
+        )
     if name == "gemma3_mm":  # Gemma3ForConditionalGeneration: the gemma3 text model + SigLIP
         text = _hf_config("gemma3").to_dict()
         return tf.Gemma3Config(
@@ -208,6 +247,9 @@ _MODEL_CLASS = {
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
     "gemma3": "Gemma3ForConditionalGeneration",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",

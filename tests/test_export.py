@@ -86,6 +86,15 @@ CASES = {
         "chatml",
         LoraConfig(rank=4, alpha=8.0, targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
     ),
+    # MoE, full fine-tuning: the stacked [L, E, ...] experts written back per expert
+    # (block_sparse_moe.experts.{j}.w1/w2/w3)
+    "mixtral": Case("chatml", None),
+    # MoE with LoRA on attention and on the shared expert (the routed experts and the router
+    # stay frozen): PEFT's gate_proj/up_proj/down_proj are the shared expert's
+    "qwen2_moe": Case(
+        "chatml",
+        LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "gate_proj", "down_proj")),
+    ),
     # rsLoRA and only some parts of the fused modules: zero blocks for k, v and gate
     "phi3": Case(
         "chatml",

@@ -132,10 +132,24 @@ def test_moe_config(ckpt, key):
     assert "config.json" in msg and key in msg, msg
 
 
-def test_mixtral_model_type(ckpt):
-    _edit_config(ckpt, model_type="mixtral", num_local_experts=8, num_experts_per_tok=2)
-    msg = _load_error(ckpt)
-    assert "config.json" in msg and "mixtral" in msg, msg
+@pytest.mark.parametrize(
+    "family,changes,needle",
+    [
+        ("qwen2_moe", {"mlp_only_layers": [0]}, "mlp_only_layers"),
+        ("qwen2_moe", {"decoder_sparse_step": 2}, "decoder_sparse_step"),
+        ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise"),
+        ("mixtral", {"num_experts_per_tok": 9}, "num_experts_per_tok"),
+        ("qwen3_moe", {"model_type": "deepseek_v3"}, "deepseek_v3"),
+    ],
+)
+def test_moe_variants_refused(hf_checkpoints, tmp_path, family, changes, needle):
+    """MoE variants the decoder does not implement: interleaved dense layers, router jitter,
+    more experts per token than experts, DeepSeek's MLA + grouped routing; exit 2 naming the
+    key, before any weight is read."""
+    path = shutil.copytree(hf_checkpoints[family], tmp_path / family)
+    _edit_config(path, **changes)
+    msg = _load_error(path)
+    assert "config.json" in msg and needle in msg, msg
 
 
 def test_unknown_model_type(ckpt):

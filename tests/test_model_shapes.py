@@ -286,6 +286,40 @@ CONFIGS.update(
     }
 )  # fmt: skip
 
+CONFIGS.update(
+    {
+        "Mixtral-8x7B": {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                         "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+                         "num_hidden_layers": 32, "num_attention_heads": 32,
+                         "num_key_value_heads": 8, "num_local_experts": 8,
+                         "num_experts_per_tok": 2, "rope_theta": 1e6, "rms_norm_eps": 1e-5,
+                         "max_position_embeddings": 32768, "sliding_window": None,
+                         "router_aux_loss_coef": 0.02, "tie_word_embeddings": False,
+                         "hidden_act": "silu", "torch_dtype": "bfloat16"},
+        "Qwen1.5-MoE-A2.7B": {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+                              "vocab_size": 151936, "hidden_size": 2048,
+                              "intermediate_size": 5632, "moe_intermediate_size": 1408,
+                              "shared_expert_intermediate_size": 5632, "num_experts": 60,
+                              "num_experts_per_tok": 4, "norm_topk_prob": False,
+                              "decoder_sparse_step": 1, "num_hidden_layers": 24,
+                              "num_attention_heads": 16, "num_key_value_heads": 16,
+                              "rope_theta": 1e6, "rms_norm_eps": 1e-6, "use_sliding_window": False,
+                              "router_aux_loss_coef": 0.001, "tie_word_embeddings": False,
+                              "hidden_act": "silu", "torch_dtype": "bfloat16"},
+        "Qwen3-30B-A3B": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+                          "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+                          "moe_intermediate_size": 768, "num_experts": 128,
+                          "num_experts_per_tok": 8, "norm_topk_prob": True,
+                          "decoder_sparse_step": 1, "mlp_only_layers": [],
+                          "num_hidden_layers": 48, "num_attention_heads": 32,
+                          "num_key_value_heads": 4, "head_dim": 128, "rope_theta": 1e6,
+                          "rms_norm_eps": 1e-6, "use_sliding_window": False,
+                          "max_position_embeddings": 40960, "router_aux_loss_coef": 0.001,
+                          "attention_bias": False, "tie_word_embeddings": False,
+                          "hidden_act": "silu", "torch_dtype": "bfloat16"},
+    }
+)  # fmt: skip
+
 PARAM_COUNTS = {
     "Llama-3.1-8B": 8_030_261_248,
     "Llama-3.2-1B": 1_235_814_400,
@@ -302,6 +336,9 @@ PARAM_COUNTS = {
     "Phi-3.5-mini": 3_821_079_552,
     "Phi-4-mini": 3_836_021_760,
     "Phi-4": 14_659_507_200,
+    "Mixtral-8x7B": 46_702_792_704,
+    "Qwen1.5-MoE-A2.7B": 14_315_784_192,
+    "Qwen3-30B-A3B": 30_532_122_624,
 }
 
 
@@ -339,16 +376,23 @@ def test_param_count(name):
     assert params["layers.self_attn.q_proj.kernel"].shape == (L, D, N * H)
     assert params["layers.self_attn.k_proj.kernel"].shape == (L, D, K * H)
     assert params["layers.self_attn.o_proj.kernel"].shape == (L, N * H, D)
-    assert params["layers.mlp.down_proj.kernel"].shape == (L, hf["intermediate_size"], D)
+    experts = hf.get("num_experts") or hf.get("num_local_experts")
+    if experts:  # stacked [L, E, ...] experts and a router
+        F = hf.get("moe_intermediate_size") or hf["intermediate_size"]
+        assert params["layers.mlp.experts.down_proj"].shape == (L, experts, F, D)
+        assert params["layers.mlp.experts.gate_proj"].shape == (L, experts, D, F)
+        assert params["layers.mlp.gate.kernel"].shape == (L, D, experts)
+    else:
+        assert params["layers.mlp.down_proj.kernel"].shape == (L, hf["intermediate_size"], D)
     assert params["layers.input_layernorm.scale"].shape == (L, D)
     assert params["norm.scale"].shape == (D,)
     if hf["tie_word_embeddings"]:
         assert not any(p.startswith("lm_head") for p in params)
     else:
         assert params["lm_head.kernel"].shape == (D, V)
-    if hf["model_type"] == "qwen2":
+    if hf["model_type"] in ("qwen2", "qwen2_moe"):
         assert params["layers.self_attn.q_proj.bias"].shape == (L, N * H)
-    if hf["model_type"] in ("qwen3", "gemma3_text"):
+    if hf["model_type"] in ("qwen3", "qwen3_moe", "gemma3_text"):
         assert params["layers.self_attn.q_norm.scale"].shape == (L, H)
     if hf["model_type"].startswith("gemma"):
         for norm in ("pre_feedforward_layernorm", "post_feedforward_layernorm"):
@@ -359,7 +403,12 @@ def test_param_count(name):
     assert jaxsft.model_shapes(hf) == params
 
 
-@pytest.mark.parametrize("name", [n for n in CONFIGS if n.startswith(("Llama", "Qwen"))])
+MOE_CONFIGS = ("Mixtral-8x7B", "Qwen1.5-MoE-A2.7B", "Qwen3-30B-A3B")
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in CONFIGS if n.startswith(("Llama", "Qwen")) and n not in MOE_CONFIGS]
+)
 def test_config_reading(name):
     """The architecture fields ModelConfig reads from the published 4.x-style configs."""
     hf = CONFIGS[name]
@@ -372,6 +421,25 @@ def test_config_reading(name):
     assert cfg.qkv_bias == (hf["model_type"] == "qwen2")
     assert cfg.qk_norm == (hf["model_type"] == "qwen3")
     assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+
+
+def test_moe_config_reading():
+    """The MoE fields of the published configs, each family's own key names, written back."""
+    mixtral, qwen2, qwen3 = (ModelConfig.from_hf(CONFIGS[n]) for n in MOE_CONFIGS)
+    assert (mixtral.num_experts, mixtral.num_experts_per_tok) == (8, 2)
+    assert mixtral.moe_intermediate_size == 14336 and mixtral.norm_topk_prob  # always renorm
+    assert mixtral.router_aux_loss_coef == 0.02 and not mixtral.qkv_bias
+    assert (qwen2.num_experts, qwen2.num_experts_per_tok, qwen2.shared_expert_size) == (60, 4, 5632)
+    assert not qwen2.norm_topk_prob and qwen2.qkv_bias and not qwen2.qk_norm
+    assert (qwen3.num_experts, qwen3.num_experts_per_tok, qwen3.moe_intermediate_size) == (
+        128,
+        8,
+        768,
+    )
+    assert qwen3.norm_topk_prob and qwen3.qk_norm and not qwen3.qkv_bias
+    assert qwen3.shared_expert_size == 0
+    for cfg in (mixtral, qwen2, qwen3):
+        assert ModelConfig.from_hf(cfg.to_hf()) == cfg
 
 
 def test_gemma_config_reading():

@@ -34,15 +34,24 @@ def cut_at(ids, eos):
 
 @pytest.fixture(scope="module")
 def models(hf_checkpoints):
-    return {
-        name: jaxsft.load_hf(hf_checkpoints[name])[0]
-        for name in ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "phi4mini")
-    }
+    return {name: jaxsft.load_hf(hf_checkpoints[name])[0] for name in GENERATE_FAMILIES}
 
 
-@pytest.mark.parametrize(
-    "family", ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "phi4mini"]
+GENERATE_FAMILIES = (
+    "llama",
+    "qwen2",
+    "qwen3",
+    "mistral",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "phi4mini",
+    "mixtral",
+    "qwen3_moe",
 )
+
+
+@pytest.mark.parametrize("family", GENERATE_FAMILIES)
 def test_greedy_matches_transformers(family, models, hf_checkpoints):
     """Batched (left-padded) jaxsft greedy == transformers generate(do_sample=False) per row."""
     ps = prompts()

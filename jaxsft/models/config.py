@@ -62,6 +62,15 @@ class ModelConfig:
     local_rope_scaling: dict | None = None
     # Share of head_dim that is rotated (Phi-4-mini 0.75); the rest passes through.
     partial_rotary_factor: float = 1.0
+    # Mixture of experts (0: a dense MLP). Every layer's MLP is then E experts of hidden
+    # moe_intermediate_size, k per token (routing: models/moe.py), plus (Qwen2-MoE) a shared
+    # expert of hidden shared_expert_size behind a sigmoid gate.
+    num_experts: int = 0  # E
+    num_experts_per_tok: int = 0  # k
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalise the k routing weights to sum to one
+    shared_expert_size: int = 0
+    router_aux_loss_coef: float = 0.0  # the checkpoint's load-balancing loss weight
     sliding_window: int | None = None  # Mistral; None means full causal attention
     # Which layers use the window (Qwen: layers >= max_window_layers, or HF `layer_types`);
     # None: every layer, when sliding_window is set.
@@ -228,11 +237,58 @@ def write_rope(hf: dict, theta: float, scaling: dict | None, *, new_style: bool)
         hf["rope_scaling"] = scaling
 
 
-def common_fields(hf: dict, where: str) -> dict:
-    """ModelConfig fields every family reads the same way (KeyError for a missing key)."""
+def refuse_moe_keys(hf: dict, where: str) -> None:
+    """A dense family's config.json with mixture-of-experts keys (an MoE variant jaxsft does
+    not implement) is refused naming the key."""
     for key in MOE_KEYS:
         if hf.get(key):
-            raise UserError(f"mixture-of-experts key {key!r} is not supported", where=where)
+            raise UserError(
+                f"mixture-of-experts key {key!r} is not supported for model_type "
+                f"{hf.get('model_type')!r}",
+                where=where,
+                hint="supported MoE model types: mixtral, qwen2_moe, qwen3_moe",
+            )
+
+
+def read_moe(hf: dict, where: str, *, experts: int, hidden: int, renormalize: bool) -> dict:
+    """The MoE fields every MoE family shares, from its own key names' values; refuses what
+    the decoder does not implement (layers that mix dense and MoE MLPs, router jitter)."""
+    sparse_step = int(hf.get("decoder_sparse_step") or 1)
+    if sparse_step != 1 or hf.get("mlp_only_layers"):
+        raise UserError(
+            "MoE layers interleaved with dense ones (decoder_sparse_step "
+            f"{sparse_step}, mlp_only_layers {hf.get('mlp_only_layers')}) are not supported",
+            where=where,
+            hint="jaxsft runs checkpoints whose every layer is MoE (Qwen3-30B-A3B, "
+            "Qwen1.5-MoE-A2.7B, Mixtral)",
+        )
+    if float(hf.get("router_jitter_noise") or 0.0):
+        raise UserError(
+            f"router_jitter_noise {hf['router_jitter_noise']} is not supported",
+            where=where,
+            hint="set it to 0.0 in config.json",
+        )
+    k = int(hf["num_experts_per_tok"])
+    if not 0 < k <= experts:
+        raise UserError(f"num_experts_per_tok {k} with {experts} experts", where=where)
+    return dict(
+        num_experts=int(experts),
+        num_experts_per_tok=k,
+        moe_intermediate_size=int(hidden),
+        norm_topk_prob=bool(renormalize),
+        router_aux_loss_coef=float(hf.get("router_aux_loss_coef") or 0.0),
+    )
+
+
+def write_moe(cfg, hf: dict) -> None:
+    hf.update(
+        num_experts_per_tok=cfg.num_experts_per_tok,
+        router_aux_loss_coef=cfg.router_aux_loss_coef,
+    )
+
+
+def common_fields(hf: dict, where: str) -> dict:
+    """ModelConfig fields every family reads the same way (KeyError for a missing key)."""
     num_heads = int(hf["num_attention_heads"])
     hidden = int(hf["hidden_size"])
     rope_theta, rope_scaling = read_rope(hf, where)

@@ -16,7 +16,7 @@ from jaxsft.models.lora import LoraConfig, LoRAParam
 INIT_STD = 0.02
 
 
-def _param(rngs, shape, names, dtype, init="normal", kind=nnx.Param):
+def param(rngs, shape, names, dtype, init="normal", kind=nnx.Param):
     if init == "zeros":
         value = jnp.zeros(shape, dtype)
     elif init == "ones":
@@ -50,15 +50,15 @@ class Linear(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.dtype = dtype
-        self.kernel = _param(rngs, (d_in, d_out), names, param_dtype)
-        self.bias = _param(rngs, (d_out,), names[1:], param_dtype, "zeros") if bias else None
+        self.kernel = param(rngs, (d_in, d_out), names, param_dtype)
+        self.bias = param(rngs, (d_out,), names[1:], param_dtype, "zeros") if bias else None
         self.lora_scale = lora.scale if lora else 0.0
         if lora:
             r = lora.rank
-            self.lora_a = _param(
+            self.lora_a = param(
                 rngs, (d_in, r), (names[0], "lora_rank"), param_dtype, "uniform_fan_in", LoRAParam
             )
-            self.lora_b = _param(
+            self.lora_b = param(
                 rngs, (r, d_out), ("lora_rank", names[1]), param_dtype, "zeros", LoRAParam
             )
         else:
@@ -86,7 +86,7 @@ class RMSNorm(nnx.Module):
     ):
         self.eps = eps
         self.offset = float(offset)
-        self.scale = _param(rngs, (dim,), names, param_dtype, "zeros" if offset else "ones")
+        self.scale = param(rngs, (dim,), names, param_dtype, "zeros" if offset else "ones")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -105,7 +105,7 @@ class Embed(nnx.Module):
     ):
         self.dtype = dtype
         self.multiplier = float(dim) ** 0.5 if scale else None
-        self.embedding = _param(rngs, (vocab, dim), ("vocab", "embed"), param_dtype)
+        self.embedding = param(rngs, (vocab, dim), ("vocab", "embed"), param_dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         x = jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxsft.models import attention, ops
+from jaxsft.models import attention, moe, ops
 from jaxsft.models.config import ModelConfig
-from jaxsft.models.layers import ACTIVATIONS, Embed, Linear, RMSNorm
+from jaxsft.models.layers import ACTIVATIONS, Embed, Linear, RMSNorm, param
 from jaxsft.models.lora import LoraConfig
 from jaxsft.models.rope import apply_rope, inv_frequencies, long_frequencies, rope_tables
 from jaxsft.sharding import constrain
@@ -73,8 +73,8 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, lora, dtype, param_dtype, rngs):
-        D, F = cfg.hidden_size, cfg.intermediate_size
+    def __init__(self, cfg: ModelConfig, lora, dtype, param_dtype, rngs, hidden=None):
+        D, F = cfg.hidden_size, hidden or cfg.intermediate_size
         kw = dict(bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
         def lora_for(name):
@@ -88,6 +88,53 @@ class MLP(nnx.Module):
     def __call__(self, x):
         h = ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x)
         return self.down_proj(constrain(h, "batch", None, "mlp"))
+
+
+class Experts(nnx.Module):
+    """The E experts' MLP matrices, stacked: gate_proj, up_proj [E, D, F], down_proj [E, F, D]
+    (HF: mlp.experts.{j}.gate_proj.weight [F, D], ..., transposed and stacked on import)."""
+
+    def __init__(self, cfg: ModelConfig, param_dtype, rngs):
+        E, D, F = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_proj = param(rngs, (E, D, F), ("expert", "embed", "mlp"), param_dtype)
+        self.up_proj = param(rngs, (E, D, F), ("expert", "embed", "mlp"), param_dtype)
+        self.down_proj = param(rngs, (E, F, D), ("expert", "mlp", "embed"), param_dtype)
+
+
+class SparseMoE(nnx.Module):
+    """A mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): a float32 router (`gate`,
+    HF mlp.gate), k of E experts per token through the dropless grouped FFN of models/moe.py,
+    and (Qwen2-MoE) a shared expert scaled by sigmoid(shared_expert_gate x). LoRA adapters go
+    on the shared expert's projections only; the experts and the router stay frozen."""
+
+    def __init__(self, cfg: ModelConfig, lora, dtype, param_dtype, rngs):
+        D, E = cfg.hidden_size, cfg.num_experts
+        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.gate = Linear(D, E, ("embed", None), dtype=jnp.float32, **kw)
+        self.experts = Experts(cfg, param_dtype, rngs)
+        if cfg.shared_expert_size:
+            self.shared_expert = MLP(cfg, lora, dtype, param_dtype, rngs, cfg.shared_expert_size)
+            self.shared_expert_gate = Linear(D, 1, ("embed", None), dtype=dtype, **kw)
+        else:
+            self.shared_expert = self.shared_expert_gate = None
+        self.k, self.renormalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.act = cfg.hidden_act
+
+    def __call__(self, x, valid=None):
+        """x [B, T, D] -> (y [B, T, D], moe.LoadStats of this layer); valid [B, T]: the real
+        tokens (the load statistics leave padding out)."""
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        routing = moe.route(self.gate(flat), self.k, self.renormalize)
+        e = self.experts
+        y = moe.grouped_ffn(
+            flat, routing, e.gate_proj[...], e.up_proj[...], e.down_proj[...], ACTIVATIONS[self.act]
+        )
+        if self.shared_expert is not None:
+            gate = jax.nn.sigmoid(self.shared_expert_gate(flat))
+            y = y + gate * self.shared_expert(flat)
+        stats = moe.load_stats(routing, None if valid is None else valid.reshape(-1))
+        return y.reshape(B, T, D), stats
 
 
 def block_norms(cfg: ModelConfig) -> tuple[str, ...]:
@@ -113,10 +160,11 @@ class Block(nnx.Module):
             setattr(self, name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm))
         self.post_norms = cfg.post_norms
         self.self_attn = Attention(cfg, lora, dtype, param_dtype, rngs)
-        self.mlp = MLP(cfg, lora, dtype, param_dtype, rngs)
+        self.moe = bool(cfg.num_experts)
+        self.mlp = (SparseMoE if self.moe else MLP)(cfg, lora, dtype, param_dtype, rngs)
 
-    def __call__(self, x, cos, sin, mask, impl, kv_cache=None, layer=None, index=None):
-        """x [B, T, D] -> ([B, T, D], kv_cache).
+    def __call__(self, x, cos, sin, mask, impl, kv_cache=None, layer=None, index=None, valid=None):
+        """x [B, T, D] -> ([B, T, D], kv_cache, moe.LoadStats or None for a dense MLP).
 
         kv_cache: None, or the stacked (k, v) [L, B, S, K, H] of every layer; this layer
         (number `layer`) writes its T new tokens at slot `index`, in place, and attends to its
@@ -138,11 +186,16 @@ class Block(nnx.Module):
         h = attn.o_proj(o.reshape(B, T, -1))
         if self.post_norms:
             x = x + self.post_attention_layernorm(h)
-            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            y, stats = self._mlp(self.pre_feedforward_layernorm(x), valid)
+            x = x + self.post_feedforward_layernorm(y)
         else:
             x = x + h
-            x = x + self.mlp(self.post_attention_layernorm(x))
-        return constrain(x, "batch", None, None), kv_cache
+            y, stats = self._mlp(self.post_attention_layernorm(x), valid)
+            x = x + y
+        return constrain(x, "batch", None, None), kv_cache, stats
+
+    def _mlp(self, x, valid):
+        return self.mlp(x, valid) if self.moe else (self.mlp(x), None)
 
 
 class Transformer(nnx.Module):
@@ -216,9 +269,20 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(idx, (B, T))
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
+        return self.hidden_and_router_stats(input_ids, positions, segment_ids)[0]
+
+    def hidden_and_router_stats(self, input_ids, positions=None, segment_ids=None):
+        """(final-norm hidden states [B, T, D], moe.LoadStats summed over the layers, or None
+        for a dense model)."""
+        B, T = input_ids.shape
+        idx = jnp.arange(T, dtype=jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(idx, (B, T))
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
         mask = self._masks(segment_ids, segment_ids, idx, idx)
-        x, _ = self._run_layers(input_ids, positions, segment_ids, mask)
-        return self.norm(x)
+        x, _, stats = self._run_layers(input_ids, positions, segment_ids, mask)
+        return self.norm(x), stats
 
     def logits(self, h):
         """[B, T, D] -> float32 logits [B, T, V] (the LM head: ops.head_logits)."""
@@ -257,7 +321,7 @@ class Transformer(nnx.Module):
         valid = (seg != 0)[:, None, :]
         mask = tuple(m & valid for m in self._masks(segment_ids, seg, q_idx, k_idx))
         kv = (cache["k"], cache["v"])
-        x, kv = self._run_layers(input_ids, positions, segment_ids, mask, kv, index, lengths)
+        x, kv, _ = self._run_layers(input_ids, positions, segment_ids, mask, kv, index, lengths)
         cache = {"k": kv[0], "v": kv[1], "seg": seg, "index": index + T}
         return self.logits(self.norm(x)), cache
 
@@ -274,7 +338,8 @@ class Transformer(nnx.Module):
     def _run_layers(
         self, input_ids, positions, segment_ids, masks, kv=None, index=None, lengths=None
     ):
-        """-> (x [B, T, D], kv). masks: (mask,) for every layer, or (full, windowed) per layer.
+        """-> (x [B, T, D], kv, moe.LoadStats summed over layers or None). masks: (mask,) for
+        every layer, or (full, windowed) per layer.
 
         kv (decode only): the stacked cache (k, v) [L, B, S, K, H]. It rides whole in the scan
         carry, so each layer updates its slice in place; passed through xs/ys instead, XLA
@@ -290,7 +355,7 @@ class Transformer(nnx.Module):
         layer_ids = None if kv is None else jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
 
         def body(carry, xs):
-            x, kv = carry
+            x, kv, stats = carry
             layer_state, use_window, layer = xs
             mask = masks[0] if len(masks) == 1 else jnp.where(use_window, masks[1], masks[0])
             cos, sin = tables
@@ -298,12 +363,18 @@ class Transformer(nnx.Module):
                 pairs = zip(local, tables, strict=True)
                 cos, sin = (jnp.where(use_window, lt, gt) for lt, gt in pairs)
             block = nnx.merge(graphdef, layer_state)
-            return block(x, cos, sin, mask, impl, kv, layer, index), None
+            x, kv, layer_stats = block(x, cos, sin, mask, impl, kv, layer, index, valid)
+            return (x, kv, stats if stats is None else moe.add_stats(stats, layer_stats)), None
 
         if self.remat != "none" and kv is None:  # remat only matters for gradients
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         xs = (state, windowed, layer_ids)
-        return jax.lax.scan(body, (x, kv), xs, unroll=self.unroll)[0]
+        valid = segment_ids != 0
+        stats = None
+        if self.cfg.num_experts:  # summed over layers in the carry
+            E = self.cfg.num_experts
+            stats = moe.LoadStats(jnp.zeros(E), jnp.zeros(E), jnp.zeros(()))
+        return jax.lax.scan(body, (x, kv, stats), xs, unroll=self.unroll)[0]
 
 
 def _rope(cfg: ModelConfig, theta: float, scaling: dict | None):

@@ -15,9 +15,9 @@ Adding a family is one file here plus its entry in FAMILIES (docs/models.md).
 from __future__ import annotations
 
 from jaxsft.errors import UserError
-from jaxsft.models.families import gemma, llama, mistral, phi, qwen
+from jaxsft.models.families import gemma, llama, mistral, mixtral, phi, qwen, qwen_moe
 
-FAMILIES = (llama, mistral, qwen, gemma, phi)
+FAMILIES = (llama, mistral, qwen, gemma, phi, mixtral, qwen_moe)
 BY_TYPE = {t: f for f in FAMILIES for t in f.MODEL_TYPES}
 
 
@@ -27,7 +27,7 @@ def family_of(model_type: str):
 
 def parse(hf: dict, where: str):
     """ModelConfig of a config.json dict, by its family; UserError naming the key."""
-    from jaxsft.models.config import ModelConfig, common_fields
+    from jaxsft.models.config import ModelConfig, common_fields, refuse_moe_keys
 
     model_type = hf.get("model_type")
     if model_type in WRAPPERS:  # a multimodal checkpoint: its language model
@@ -36,6 +36,8 @@ def parse(hf: dict, where: str):
     if family is None:
         hint = REFUSED.get(model_type) or f"supported: {', '.join(BY_TYPE)}"
         raise UserError(f"model_type {model_type!r} is not supported", where=where, hint=hint)
+    if not getattr(family, "MOE", False):
+        refuse_moe_keys(hf, where)
     try:
         fields = common_fields(hf, where)
         fields.update(family.read(hf, where))
@@ -88,7 +90,6 @@ def wrapped(cfg):
 
 # model_types people bring that are refused, with what to do.
 REFUSED = {
-    "mixtral": "mixture-of-experts models are not supported yet",
-    "qwen2_moe": "mixture-of-experts models are not supported yet",
-    "qwen3_moe": "mixture-of-experts models are not supported yet",
+    "deepseek_v2": "DeepSeek-V2/V3 (MLA attention, grouped top-k routing) is not supported",
+    "deepseek_v3": "DeepSeek-V2/V3 (MLA attention, grouped top-k routing) is not supported",
 }

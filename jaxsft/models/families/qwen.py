@@ -14,7 +14,7 @@ def read(hf: dict, where: str) -> dict:
         first = int(hf.get("max_window_layers", 28))
         rule = [i >= first for i in range(int(hf["num_hidden_layers"]))]
         window, layers = read_window(hf, default_layers=rule)
-    qwen3 = hf["model_type"] == "qwen3"
+    qwen3 = hf["model_type"].startswith("qwen3")  # qwen3, qwen3_moe
     bias = bool(hf.get("attention_bias", False))
     return dict(
         qkv_bias=not qwen3 or bias,
