@@ -109,6 +109,15 @@ def init_opt_state(tx, params, replicated):
     return jax.jit(tx.init, out_shardings=opt_sh)(params)
 
 
+def router_aux_coef(config, model_cfg) -> float:
+    """train.router_aux_loss_coef, or (when < 0, the default) the checkpoint's own
+    router_aux_loss_coef; 0 for a dense model."""
+    if not model_cfg.num_experts:
+        return 0.0
+    coef = float(config.train.get("router_aux_loss_coef", -1.0))
+    return model_cfg.router_aux_loss_coef if coef < 0 else coef
+
+
 def compile_steps(setup: TrainSetup, config) -> TrainSetup:
     """Jit the train and eval steps with explicit shardings; the state is donated."""
     loss_fn = step_lib.make_loss_fn(
@@ -116,6 +125,7 @@ def compile_steps(setup: TrainSetup, config) -> TrainSetup:
         chunk=config.train.loss_chunk,
         kl_beta=float(config.train.kl_to_base),
         lora=setup.lora_cfg is not None,
+        router_aux=router_aux_coef(config, setup.model_cfg),
     )
     shard = _shardings
     state_sh, frozen_sh, ref_sh = shard(setup.state), shard(setup.frozen), shard(setup.ref)

@@ -20,19 +20,28 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxsft.models import moe
 from jaxsft.sharding import constrain
 from jaxsft.train.loss import chunked_xent, shift_targets
 
-SUMS = ("loss_sum", "count", "correct", "kl_sum", "objective_sum")
 
+def make_loss_fn(
+    graphdef, *, chunk: int, kl_beta: float = 0.0, lora: bool = False, router_aux: float = 0.0
+):
+    """(params, frozen, ref, batch) -> (objective_sum, sums).
 
-def make_loss_fn(graphdef, *, chunk: int, kl_beta: float = 0.0, lora: bool = False):
-    """(params, frozen, ref, batch) -> (objective_sum, sums)."""
+    MoE models add their router load statistics to the sums (expert_counts, expert_probs
+    [E], router_rows), so the logged load-balancing loss is that of the whole global batch;
+    with router_aux > 0 the objective gains router_aux x balance loss x supervised tokens of
+    this (micro-)batch, so that after the one division by the global token count it weighs as
+    the main loss does. Its gradient uses each micro-batch's own load fractions (they carry no
+    gradient), so with grad_accum > 1 it is the token-weighted mean of the micro-batches'
+    balance losses, not the balance loss of their union."""
 
     def loss_fn(params, frozen, ref, batch):
         model = nnx.merge(graphdef, params, frozen)
         ids, seg, pos = batch["input_ids"], batch["segment_ids"], batch["positions"]
-        h = model.hidden(ids, pos, seg)
+        h, stats = model.hidden_and_router_stats(ids, pos, seg)
         targets, weights = shift_targets(ids, batch["loss_mask"], seg)
         base = None
         if kl_beta:
@@ -52,6 +61,13 @@ def make_loss_fn(graphdef, *, chunk: int, kl_beta: float = 0.0, lora: bool = Fal
             kl_beta=kl_beta,
             softcap=model.cfg.final_softcap,
         )
+        if stats is not None:
+            sums.update(
+                expert_counts=stats.counts, expert_probs=stats.prob_sums, router_rows=stats.rows
+            )
+            if router_aux:
+                aux = moe.balance_loss(stats) * sums["count"]
+                sums["objective_sum"] = sums["objective_sum"] + router_aux * aux
         return sums["objective_sum"], sums
 
     return loss_fn
@@ -78,11 +94,14 @@ def make_train_step(loss_fn, tx, schedule, grad_accum: int):
             (_, sums), grads = grad_fn(params, frozen, ref, mb)
             return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
+        mbs = micro_batches(batch, grad_accum)
+        first = jax.tree.map(lambda x: x[0], mbs)
+        _, sums_shape = jax.eval_shape(loss_fn, params, frozen, ref, first)
         zeros = (
             jax.tree.map(jnp.zeros_like, params),
-            {k: jnp.zeros((), jnp.float32) for k in SUMS},
+            jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), sums_shape),
         )
-        (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro_batches(batch, grad_accum))
+        (grads, sums), _ = jax.lax.scan(accumulate, zeros, mbs)
         count = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         grad_norm = optax.global_norm(grads)
@@ -109,6 +128,7 @@ def make_train_step(loss_fn, tx, schedule, grad_accum: int):
 def make_eval_step(loss_fn):
     def eval_step(params, frozen, ref, batch):
         _, sums = loss_fn(params, frozen, ref, batch)
+        sums = {k: v for k, v in sums.items() if v.ndim == 0}  # token sums (no expert loads)
         sums["tokens"] = (batch["segment_ids"] != 0).sum().astype(jnp.float32)
         return sums
 
@@ -118,10 +138,19 @@ def make_eval_step(loss_fn):
 def summarize(sums, batch):
     """Per-step metrics from token sums (means over supervised tokens)."""
     count = jnp.maximum(sums["count"], 1.0)
-    return {
+    out = {
         "loss": sums["loss_sum"] / count,
         "kl_to_base": sums["kl_sum"] / count,
         "mean_token_accuracy": sums["correct"] / count,
         "supervised_tokens": sums["count"],
         "tokens": (batch["segment_ids"] != 0).sum().astype(jnp.float32),
     }
+    if "expert_counts" in sums:  # MoE: the global batch's balance loss and expert load
+        stats = moe.LoadStats(sums["expert_counts"], sums["expert_probs"], sums["router_rows"])
+        counts = sums["expert_counts"]
+        out.update(
+            router_aux_loss=moe.balance_loss(stats),
+            expert_load_max=jnp.max(counts) / jnp.maximum(jnp.mean(counts), 1e-9),
+            expert_load_min=jnp.min(counts) / jnp.maximum(jnp.mean(counts), 1e-9),
+        )
+    return out
