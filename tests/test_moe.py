@@ -35,10 +35,10 @@ def _params(seed: int, dtype=np.float32):
     )
 
 
-def _forward(p, ffn, renormalize=True):
+def _forward(p, ffn, renormalize=True, **kw):
     x = jnp.asarray(p["x"])
     routing = moe.route(x.astype(jnp.float32) @ p["router"], K, renormalize)
-    return ffn(x, routing, p["gate"], p["up"], p["down"], ACTIVATIONS["silu"]), routing
+    return ffn(x, routing, p["gate"], p["up"], p["down"], ACTIVATIONS["silu"], **kw), routing
 
 
 def test_routing_leaves_an_expert_empty():
@@ -47,12 +47,33 @@ def test_routing_leaves_an_expert_empty():
     assert counts[EMPTY] == 0 and counts.sum() == T * K and (counts > 0).sum() >= 3
 
 
+@pytest.mark.parametrize("impl", ["tiled", "ragged"])
 @pytest.mark.parametrize("renormalize", [True, False])
-def test_grouped_equals_dense_fp32(renormalize):
+def test_grouped_equals_dense_fp32(renormalize, impl):
     p = _params(1)
-    got, _ = _forward(p, moe.grouped_ffn, renormalize)
+    got, _ = _forward(p, moe.grouped_ffn, renormalize, impl=impl)
     want, _ = _forward(p, moe.dense_ffn, renormalize)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_tiled_matmul_groups_and_tiles():
+    """tiled_matmul == ragged_dot on groups that are empty, of one row, not a multiple of the
+    tile and larger than several tiles; forward and gradients."""
+    rs = np.random.RandomState(7)
+    sizes = jnp.asarray([37, 0, 1, 64, 130, 0], jnp.int32)
+    R = int(sizes.sum())
+    x = jnp.asarray(rs.normal(0, 1, (R, 8)), jnp.float32)
+    w = jnp.asarray(rs.normal(0, 1, (6, 8, 5)), jnp.float32)
+    assert moe.tile_rows(R, 6) == 32
+    got = moe.tiled_matmul(x, w, sizes)
+    want = jax.lax.ragged_dot(x, w, sizes)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    cot = jnp.asarray(rs.normal(0, 1, (R, 5)), jnp.float32)
+    g_got = jax.grad(lambda a, b: jnp.sum(moe.tiled_matmul(a, b, sizes) * cot), (0, 1))(x, w)
+    g_want = jax.grad(lambda a, b: jnp.sum(jax.lax.ragged_dot(a, b, sizes) * cot), (0, 1))(x, w)
+    for g, h in zip(g_got, g_want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(g_got[1][1]).max()) == 0.0  # an empty group gets no gradient
 
 
 # bf16: both sides round the expert matmuls to bf16 but in a different order (per group vs

@@ -1,10 +1,12 @@
 """Mixture-of-experts feed-forward as pure functions: routing, a dropless grouped FFN, and the
 router losses. The decoder's MoE layer (Mixtral, Qwen2-MoE, Qwen3-MoE) is built from these.
 
-Dropless: every token goes to its k experts; no capacity, no padding. The T*k (token, expert)
-pairs are sorted by expert and run through grouped matmuls (`jax.lax.ragged_dot`: one matmul
-per expert over its contiguous group of rows, no FLOPs on padding, an expert with no token
-costs nothing), then put back in token order and summed with the routing weights. Router
+Dropless: every token goes to its k experts; no capacity, no token dropped. The T*k (token,
+expert) pairs are sorted by expert and run through grouped matmuls over each expert's
+contiguous group of rows (`jax.lax.ragged_dot` on TPU/GPU; on CPU, where XLA lowers ragged_dot
+to E masked dense matmuls, `tiled_matmul`: tiles of one expert's rows, at most one partly
+filled tile per expert, unused tiles skipped; an expert with no token costs nothing), then put
+back in token order and summed with the routing weights. Router
 logits, softmax and top-k are float32, in the order transformers computes them for these
 families: softmax over all experts, top-k, then (Mixtral always; Qwen with norm_topk_prob)
 renormalise the k weights to sum to one.
@@ -37,23 +39,67 @@ def route(logits: jax.Array, k: int, renormalize: bool) -> Routing:
     return Routing(weights, experts.astype(jnp.int32), probs, logits)
 
 
-def _matmul(x, w, sizes):
-    """Grouped x [R, D] @ w [E, D, F] over row groups of `sizes`, accumulated in float32."""
-    out = jax.lax.ragged_dot(x, w.astype(x.dtype), sizes, preferred_element_type=jnp.float32)
+def _matmul(x, w, sizes, impl=None):
+    """Grouped x [R, D] @ w [E, D, F] over row groups of `sizes`, accumulated in float32.
+
+    impl "ragged": jax.lax.ragged_dot (native grouped kernels on TPU/GPU; on CPU XLA lowers it
+    to E masked dense matmuls over all rows, E times the FLOPs); "tiled": the rows of each
+    group are placed in tiles of one expert and each used tile is one small matmul (padding
+    at most one tile per expert, unused tiles skipped). Default: tiled on CPU, else ragged."""
+    impl = impl or ("tiled" if jax.default_backend() == "cpu" else "ragged")
+    w = jnp.asarray(w, x.dtype)
+    if impl == "ragged":
+        out = jax.lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32)
+    else:
+        out = tiled_matmul(x, w, sizes)
     return out.astype(x.dtype)
 
 
-def grouped_ffn(x, routing: Routing, gate, up, down, act) -> jax.Array:
+def tile_rows(rows: int, experts: int) -> int:
+    """Rows per tile: about rows / experts rounded down to a power of two, in [8, 128]."""
+    t = max(8, min(128, rows // max(experts, 1)))
+    return 1 << (t.bit_length() - 1)
+
+
+def tiled_matmul(x, w, sizes):
+    """x [R, D] (rows grouped by expert, `sizes` [E] rows each) @ w [E, D, F] -> [R, F] f32."""
+    R, D = x.shape
+    E, _, F = w.shape
+    tile = tile_rows(R, E)
+    n_tiles = -(-R // tile) + E  # static bound on sum_e ceil(size_e / tile)
+    per_expert = -(-sizes // tile)  # tiles of each expert
+    first_tile = jnp.cumsum(per_expert) - per_expert
+    group_start = jnp.cumsum(sizes) - sizes
+    expert_of_row = jnp.repeat(jnp.arange(E), sizes, total_repeat_length=R)
+    dest = first_tile[expert_of_row] * tile + jnp.arange(R) - group_start[expert_of_row]
+    tiles = jnp.zeros((n_tiles * tile, D), x.dtype).at[dest].set(x).reshape(n_tiles, tile, D)
+    ends = jnp.cumsum(per_expert)
+    owner = jnp.minimum(jnp.searchsorted(ends, jnp.arange(n_tiles), side="right"), E - 1)
+    used = ends[-1]
+
+    def one(args):
+        t, rows, e = args
+        return jax.lax.cond(
+            t < used,
+            lambda: jnp.dot(rows, w[e], preferred_element_type=jnp.float32),
+            lambda: jnp.zeros((tile, F), jnp.float32),
+        )
+
+    out = jax.lax.map(one, (jnp.arange(n_tiles), tiles, owner))
+    return out.reshape(n_tiles * tile, F)[dest]
+
+
+def grouped_ffn(x, routing: Routing, gate, up, down, act, impl=None) -> jax.Array:
     """Dropless expert FFN: x [T, D] -> sum_j w_j * down_e(act(gate_e x) * up_e x) for the k
-    experts e of each token. gate, up: [E, D, F]; down: [E, F, D]."""
+    experts e of each token. gate, up: [E, D, F]; down: [E, F, D]. impl: see _matmul."""
     T, k = routing.experts.shape
     E = gate.shape[0]
     flat = routing.experts.reshape(-1)  # [T k]
     order = jnp.argsort(flat, stable=True)  # pairs sorted by expert
     sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # tokens per expert
     xs = x[order // k]  # [T k, D], grouped by expert
-    h = act(_matmul(xs, gate, sizes)) * _matmul(xs, up, sizes)
-    ys = _matmul(h, down, sizes)
+    h = act(_matmul(xs, gate, sizes, impl)) * _matmul(xs, up, sizes, impl)
+    ys = _matmul(h, down, sizes, impl)
     ys = ys.astype(jnp.float32) * routing.weights.reshape(-1)[order][:, None]
     pairs = ys[jnp.argsort(order)].reshape(T, k, -1)  # back in token order
     return jnp.sum(pairs, axis=1).astype(x.dtype)
