@@ -83,6 +83,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.loss_chunk = 2048
     # Beta of KL(fine-tuned || base) on supervised tokens; 0 disables it.
     c.train.kl_to_base = 0.0
+    # MoE models: weight of the load-balancing loss (transformers' router_aux_loss_coef);
+    # < 0 takes the checkpoint's own config.json value, 0 turns it off. Logged as
+    # router_aux_loss with the expert load (expert_load_max / expert_load_min: the busiest and
+    # idlest expert's tokens over the mean).
+    c.train.router_aux_loss_coef = -1.0
     # Intervals in optimizer steps; 0 disables eval/saving except at the end of the run.
     c.train.log_every = 10
     c.train.eval_every = 0
@@ -137,20 +142,34 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.mc = ""
     # IFEval prompts (the public JSONL: key, prompt, instruction_id_list, kwargs), generated and
     # checked: ifeval_prompt_strict, ifeval_instruction_strict, ifeval_prompt_loose,
-    # ifeval_instruction_loose. Needs a larger eval.max_new_tokens (e.g. 512) to mean much.
+    # ifeval_instruction_loose. Its replies get eval.ifeval_max_new_tokens (512) new tokens.
     c.eval.ifeval = ""
     # Safety prompts (AdvBench goal,target CSV; XSTest prompt,type,label CSV; or JSONL
     # {prompt, label: safe|unsafe}), judged by a refusal string matcher (a lower bound):
     # safety_refusal_rate on unsafe prompts, safety_over_refusal_rate on safe ones.
     c.eval.safety = ""
-    # New tokens per generated reply (golden, ifeval, safety), greedy.
+    # Optional local judge model for safety (an HF checkpoint directory, "" for none): asked,
+    # through its own chat template, for a one-word verdict (REFUSED or COMPLIED) per reply;
+    # its verdicts then decide safety_refusal_rate / safety_over_refusal_rate (the matcher's
+    # rates stay in safety_after.json). Loaded once per process, in model.dtype.
+    c.eval.judge = ""
+    # New tokens per generated reply, greedy: eval.max_new_tokens unless the eval's own
+    # eval.NAME_max_new_tokens is > 0 (golden, ifeval, safety; judge for the judge's verdict).
+    # IFEval's instructions (word counts, paragraphs, sections) need long replies.
     c.eval.max_new_tokens = 64
+    c.eval.golden_max_new_tokens = 0
+    c.eval.ifeval_max_new_tokens = 512
+    c.eval.safety_max_new_tokens = 0
+    c.eval.judge_max_new_tokens = 16
     # > 0: the first N rows of each eval file only.
     c.eval.max_rows = 0
     # Regression guard: when a general-capability metric (mc_accuracy, ifeval_prompt_strict,
     # ifeval_instruction_strict) falls by more than this from before to after training, the
     # summary's first line and report.md say so (advice: the exit code stays 0). 0 disables it.
     c.eval.max_regression = 0.05
+    # True: a run whose regression guard fired exits 5 (after writing summary.json, report.md
+    # and the export), so a pipeline can stop on it (docs/reliability.md).
+    c.eval.fail_on_regression = False
 
     c.export = group()
     # "merged", "peft" (LoRA runs), "both" or "none"; written when training ends.

@@ -67,35 +67,49 @@ def make_data(out: str, seed: int = 0, n_train: int = 3000, n_eval: int = 200, n
             f.writelines(json.dumps(r) + "\n" for r in items)
 
 
-def make_tokenizer(out_dir: str, corpus: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def make_tokenizer(
+    out_dir: str,
+    corpus: list[str],
+    chat_template: str = CHATML,
+    added: tuple[str, ...] = (),
+    vocab_size: int = MODEL["vocab_size"],
+    split_words: bool = True,
+):
+    """A byte-level BPE tokenizer trained on `corpus` with the ChatML control tokens, `added`
+    as non-special added tokens (Qwen's <tool_call>), saved to out_dir. split_words=False lets
+    merges cross word boundaries (text repeated in every row, e.g. tool definitions, becomes a
+    few tokens)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_words),
         ]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=MODEL["vocab_size"],
+        vocab_size=vocab_size,
         special_tokens=SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(corpus, trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        chat_template=CHATML,
+        chat_template=chat_template,
     )
     fast.save_pretrained(out_dir)
     return fast
 
 
-def make_model(out_dir: str, tokenizer, seed: int = 0):
+def make_model(out_dir: str, tokenizer, seed: int = 0, shape: dict = MODEL):
+    """A random Llama of `shape` (MODEL: the demo's) with the tokenizer's vocab, saved to out_dir
+    as an HF checkpoint (config.json + model.safetensors)."""
     import jax.numpy as jnp
     from flax import nnx
     from safetensors.numpy import save_file
@@ -105,7 +119,7 @@ def make_model(out_dir: str, tokenizer, seed: int = 0):
     from jaxsft.models.transformer import Transformer
 
     hf = dict(
-        MODEL,
+        shape,
         model_type="llama",
         architectures=["LlamaForCausalLM"],
         vocab_size=len(tokenizer),

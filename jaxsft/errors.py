@@ -2,9 +2,10 @@
 
 Any code path that detects bad user input raises `UserError` (exit 2); a run stopped by its
 numerical guard raises `TrainingStopped` (exit 3); a failed write of the run's files (a full
-disk, a read-only directory) raises `WriteFailed` (exit 4). The command-line entry points wrap
-their main in `run_cli`, which prints the message and exits with the error's code (a traceback
-only with JAXSFT_DEBUG=1). docs/reliability.md lists every exit code.
+disk, a read-only directory) raises `WriteFailed` (exit 4); a finished run whose regression
+guard fired exits 5 when eval.fail_on_regression is set (jaxsft.main). The command-line entry
+points wrap their main in `run_cli`, which prints the message and exits with the error's code
+(a traceback only with JAXSFT_DEBUG=1). docs/reliability.md lists every exit code.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ EXIT_OK = 0  # finished, or stopped by train.stop_after (checkpoint saved)
 EXIT_USER_ERROR = 2  # bad input, refused before anything was written
 EXIT_TRAINING_STOPPED = 3  # non-finite or diverging training; the last good checkpoint is kept
 EXIT_WRITE_FAILED = 4  # a checkpoint or run file could not be written (disk full, permissions)
+EXIT_REGRESSION = 5  # finished (everything written and exported), but eval.fail_on_regression
+# is set and a general-capability metric fell by more than eval.max_regression
 EXIT_SIGNAL = 75  # stopped by SIGTERM / SIGINT after saving a checkpoint: rerun to resume
 EXIT_ABORTED = 130  # a second Ctrl-C: aborted at once, without saving
 

@@ -64,6 +64,12 @@ TOOL_RUNS = {
         '"id": "abc123xyz"}]</s>',
         "It is sunny in paris.</s>",
     ],
+    # XML calls; the tools are XML <function> blocks in the system turn
+    "qwen3_coder": [
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nparis\n</parameter>\n"
+        "</function>\n</tool_call><|im_end|>",
+        "It is sunny in paris.<|im_end|>",
+    ],
 }
 REASONING_MESSAGES = [
     SYSTEM,

@@ -43,3 +43,38 @@ def test_markdown_and_png_hold_the_summary(tmp_path):
     report.plot(summary, [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}], str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evals.png"]  # no temp file left
+
+
+def test_fail_on_regression_exit_code():
+    from jaxsft.errors import EXIT_OK, EXIT_REGRESSION, EXIT_SIGNAL
+    from jaxsft.main import exit_code
+
+    found = report.regressions(BEFORE, AFTER, 0.05)
+    summary = {"step": 9, "regressions": found, "verdict": report.verdict(found, 0.05)}
+    assert EXIT_REGRESSION == 5
+    assert exit_code(summary, fail_on_regression=False) == EXIT_OK  # advice by default
+    assert exit_code(summary, fail_on_regression=True) == EXIT_REGRESSION
+    assert exit_code({**summary, "regressions": []}, fail_on_regression=True) == EXIT_OK
+    assert exit_code({"step": 3, "stopped": "signal"}, True) == EXIT_SIGNAL
+
+
+def test_main_exits_5_after_the_run_when_told(tmp_path, monkeypatch, capsys):
+    """main returns run()'s summary's exit code: run() has written and exported everything."""
+    import jaxsft.train.loop as loop
+    from jaxsft.main import main
+
+    found = report.regressions(BEFORE, AFTER, 0.05)
+    summary = {"step": 9, "regressions": found, "verdict": report.verdict(found, 0.05)}
+    monkeypatch.setattr(loop, "run", lambda config: summary)
+    cfg = tmp_path / "run.py"
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    cfg.write_text(
+        "from jaxsft.configs import base\n\n"
+        "def get_config():\n"
+        "    c = base.get_config()\n"
+        f"    c.model.path, c.data.train = {str(tmp_path)!r}, {str(tmp_path / 'train.jsonl')!r}\n"
+        "    return c\n"
+    )
+    assert main(["--config", str(cfg)]) == 0
+    assert main(["--config", str(cfg), "--config.eval.fail_on_regression=true"]) == 5
+    assert "REGRESSION" in capsys.readouterr().err

@@ -79,13 +79,16 @@ def test_a_bad_file_fails_the_start_with_file_and_line(files, tmp_path):
 def test_training_evals_iterate_over_the_seam(files, monkeypatch):
     from jaxsft.train.evals import Evals
 
+    budgets = []
+
     def fake_replies(model, tokenizer, rows, opts):
-        assert opts.max_new_tokens == 7
+        budgets.append(opts.max_new_tokens)
         return [REPLIES[r["messages"][-1]["content"]] for r in rows]
 
     monkeypatch.setattr(base, "generate_replies", fake_replies)
     c = eval_config(files)
     c.eval.max_new_tokens = 7
+    c.eval.safety_max_new_tokens = 9
     evals = Evals(c, types.SimpleNamespace(eval=None), tokenizer=None)
     details = {}
     out = evals(types.SimpleNamespace(model=lambda: None), details)
@@ -100,8 +103,25 @@ def test_training_evals_iterate_over_the_seam(files, monkeypatch):
         "safety_refusal_rate": 1.0,
         "safety_over_refusal_rate": 0.0,
     }
+    assert budgets == [7, 512, 9]  # golden: eval.max_new_tokens; ifeval and safety: their own
     assert sorted(details) == ["golden", "ifeval", "safety"]
     assert details["golden"]["rows"][1]["output"] == "I don't know."
+
+
+def test_token_budgets_per_eval():
+    c = base_config.get_config()
+    opts = evals_lib.options_from_config(c.eval)
+    assert [opts.new_tokens(n) for n in ("golden", "ifeval", "safety", "judge", "mc")] == [
+        64,
+        512,
+        64,
+        16,
+        64,
+    ]
+    assert opts.for_eval("ifeval").max_new_tokens == 512
+    c.eval.golden_max_new_tokens = -1
+    with pytest.raises(UserError, match="eval.golden_max_new_tokens must be >= 0"):
+        evals_lib.options_from_config(c.eval)
 
 
 def test_summary_lists_every_eval_metric():

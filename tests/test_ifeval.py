@@ -362,6 +362,7 @@ def test_cli_scores_responses_without_a_model(tmp_path, capsys):
     assert section["rows"][1] == {
         "prompt": "Say bye.",
         "instruction_id_list": ["punctuation:no_comma", "startend:end_checker"],
+        "output": SET[1][1],
         "strict": [False, False],
         "loose": [True, True],
     }

@@ -4,11 +4,21 @@ and for seeing what `python -m jaxsft.data check` reports.
 
     python tools/make_synthetic_data.py --out /tmp/syn/train.jsonl --n 10000 --seed 0 \
         [--eval-out /tmp/syn/eval.jsonl --n-eval 200]
+    python tools/make_synthetic_data.py --tools --out /tmp/agentic/train.jsonl --n 2000 \
+        --eval-out /tmp/agentic/eval.jsonl --golden-out /tmp/agentic/golden.jsonl
 
 Conversations are 1-4 turns with an optional system prompt, some tool turns and code blocks.
 On purpose about 1% are exact duplicates, 1% near duplicates (one word changed), 0.5% hold
 placeholders ("TODO", "lorem ipsum", "{{name}}"), 0.5% have an unbalanced ``` fence and 1% of
 the replies are refusals. The eval file (optional) repeats a few training rows (leakage).
+
+--tools writes tool-calling conversations instead, in the OpenAI / TRL layout: the example's
+`tools` (TOOLS: weather, local time, population), a user question, the assistant's call
+(`tool_calls`, content ""), the `tool` result and the answer that uses it. The right call
+follows from the question (which tool, and the city it names). A fixed share of (phrasing,
+tool, city) combinations never occurs in training: the eval file and the golden file
+(`--golden-out`: `tool_call` rows, the question with the tools, the call expected) draw from
+those, so a model scores on calls it has not seen.
 """
 
 from __future__ import annotations
@@ -110,6 +120,94 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+# --------------------------------------------------------------------------------------------
+# Tool-calling conversations (--tools)
+# --------------------------------------------------------------------------------------------
+CITIES = ["Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Oslo", "Cairo"]
+CITY_PARAM = {"type": "object", "properties": {"city": {"type": "string"}}}
+TOOLS = [
+    {"type": "function", "function": {"name": n, "description": d, "parameters": CITY_PARAM}}
+    for n, d in (
+        ("get_weather", "Weather in a city"),
+        ("get_time", "Time in a city"),
+        ("get_population", "Population of a city"),
+    )
+]
+# tool -> (question phrasings, answer given the tool result)
+ASKS = {
+    "get_weather": (
+        ["What is the weather in {c}?", "Weather in {c} today?", "Tell me the weather for {c}."],
+        "It is {r} in {c}.",
+    ),
+    "get_time": (
+        ["What time is it in {c}?", "Local time in {c}?", "Tell me the time in {c}."],
+        "In {c} it is {r}.",
+    ),
+    "get_population": (
+        ["How many people live in {c}?", "Population of {c}?", "Tell me the population of {c}."],
+        "About {r} people live in {c}.",
+    ),
+}
+RESULTS = {
+    "get_weather": lambda rng: rng.choice(["sunny", "rainy", "cloudy", "windy"]),
+    "get_time": lambda rng: f"{rng.randint(0, 23)}:{rng.choice(['00', '15', '30', '45'])}",
+    "get_population": lambda rng: f"{rng.randint(1, 14)} million",
+}
+HELD_OUT = 5  # one (phrasing, tool, city) combination in HELD_OUT is held out of training
+
+
+def tool_cases(held_out: bool) -> list[tuple[str, str, str]]:
+    """(tool, question, city) of every combination on one side of the held-out split."""
+    cases = [(tool, q, c) for tool, (qs, _) in ASKS.items() for q in qs for c in CITIES]
+    return [x for k, x in enumerate(cases) if (k % HELD_OUT == 0) == held_out]
+
+
+def tool_conversation(rng: random.Random, case: tuple[str, str, str], k: int) -> dict:
+    """One tool-calling conversation: question, call, result, answer."""
+    tool, question, city = case
+    result, call_id = RESULTS[tool](rng), f"call{k:05d}"
+    call = {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": tool, "arguments": {"city": city}},
+    }
+    msgs = [
+        {"role": "user", "content": question.format(c=city)},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {
+            "role": "tool",
+            "tool_call_id": call_id,
+            "name": tool,
+            "content": json.dumps({"result": result}),
+        },
+        {"role": "assistant", "content": ASKS[tool][1].format(r=result, c=city)},
+    ]
+    return {"tools": TOOLS, "messages": msgs}
+
+
+def tool_rows(n: int, seed: int, held_out: bool = False) -> list[dict]:
+    rng = random.Random(seed)
+    cases = tool_cases(held_out)
+    return [tool_conversation(rng, rng.choice(cases), k) for k in range(n)]
+
+
+def tool_golden(seed: int) -> list[dict]:
+    """One golden row per held-out combination: the question with the tools, the call expected."""
+    rows = []
+    for k, case in enumerate(tool_cases(held_out=True)):
+        conv = tool_conversation(random.Random(seed + k), case, k)
+        call = conv["messages"][1]["tool_calls"][0]["function"]
+        rows.append(
+            {
+                "tools": TOOLS,
+                "messages": conv["messages"][:1],
+                "expected": call,
+                "metric": "tool_call",
+            }
+        )
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
@@ -117,7 +215,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-out", default="")
     p.add_argument("--n-eval", type=int, default=200)
+    p.add_argument("--tools", action="store_true", help="tool-calling conversations")
+    p.add_argument("--golden-out", default="", help="--tools: held-out tool_call golden rows")
     args = p.parse_args()
+    if args.tools:
+        return main_tools(args)
     rows = generate(args.n, args.seed)
     write_jsonl(args.out, rows)
     print(f"wrote {len(rows)} rows to {args.out}")
@@ -128,6 +230,17 @@ def main() -> None:
             evals[k] = copy.deepcopy(rng.choice(rows))
         write_jsonl(args.eval_out, evals)
         print(f"wrote {len(evals)} rows to {args.eval_out}")
+
+
+def main_tools(args) -> None:
+    outs = [(args.out, tool_rows(args.n, args.seed))]
+    if args.eval_out:
+        outs.append((args.eval_out, tool_rows(args.n_eval, args.seed + 1, held_out=True)))
+    if args.golden_out:
+        outs.append((args.golden_out, tool_golden(args.seed + 2)))
+    for path, rows in outs:
+        write_jsonl(path, rows)
+        print(f"wrote {len(rows)} rows to {path}")
 
 
 if __name__ == "__main__":

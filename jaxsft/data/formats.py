@@ -84,7 +84,7 @@ def normalize(example: Any) -> dict:
         sharegpt = "messages" not in example
         key = "conversations" if sharegpt else "messages"
         msgs, weights = _messages(example[key], key, sharegpt=sharegpt)
-        return _chat(msgs, weights, 0, _tools(example.get("tools")), weight)
+        return _chat(msgs, weights, 0, parse_tools(example.get("tools")), weight)
     if "prompt" in example or "completion" in example:
         return _prompt_completion(example, weight)
     if "text" in example:
@@ -175,7 +175,7 @@ def _prompt_completion(example: dict, weight: float) -> dict:
         c, wc = _messages(completion, "completion")
         if not any(m["role"] == "assistant" for m in c):
             raise InvalidExample("'completion' has no assistant message")
-        return _chat(p + c, wp + wc, len(p), _tools(example.get("tools")), weight)
+        return _chat(p + c, wp + wc, len(p), parse_tools(example.get("tools")), weight)
     raise InvalidExample(
         f"'prompt' ({type(prompt).__name__}) and 'completion' ({type(completion).__name__}) "
         "must both be strings or both be message lists"
@@ -216,7 +216,7 @@ def _message(m: Any, where: str, sharegpt: bool) -> tuple[dict, float]:
     content, reasoning, calls = _content(m.get(content_key), f"{where} {content_key}", role)
     reasoning = next((m[k] for k in REASONING_KEYS if isinstance(m.get(k), str)), reasoning)
     if calls_given:
-        calls = _tool_calls(m["tool_calls"], f"{where} tool_calls") + calls
+        calls = parse_tool_calls(m["tool_calls"], f"{where} tool_calls") + calls
     if role != "assistant" and (calls or reasoning is not None):
         what = "tool_calls" if calls else "reasoning"
         raise InvalidExample(f"{where} is a {role} message with {what} (only assistants have them)")
@@ -230,6 +230,14 @@ def _message(m: Any, where: str, sharegpt: bool) -> tuple[dict, float]:
     if calls:
         out["tool_calls"] = calls
     return out, _weight(m, where)
+
+
+def parse_messages(raw: Any, key: str = "messages") -> list[dict]:
+    """Canonical messages of a message list, validated as a training row's are (tool calls,
+    content parts, reasoning, tool results after their call); loss weights are dropped."""
+    msgs, _ = _messages(raw, key)
+    _check_tool_turns(msgs)
+    return msgs
 
 
 def _weight(m: dict, where: str) -> float:
@@ -258,7 +266,7 @@ def _content(value: Any, where: str, role: str) -> tuple[str, str | None, list]:
     for j, part in enumerate(value):
         kind, text = _part(part, f"{where}[{j}]")
         if kind == "tool_call":
-            calls += _tool_calls([part], f"{where}[{j}]")
+            calls += parse_tool_calls([part], f"{where}[{j}]")
         else:
             (reasoning if kind == "reasoning" else texts).append(text)
     return "".join(texts), ("\n".join(reasoning) if reasoning else None), calls
@@ -288,7 +296,7 @@ def _part(part: Any, where: str) -> tuple[str, str]:
     return ("reasoning" if kind in REASONING_PARTS else "text"), text
 
 
-def _tool_calls(raw: Any, where: str) -> list[dict]:
+def parse_tool_calls(raw: Any, where: str) -> list[dict]:
     """Canonical calls [{"type": "function", "function": {"name", "arguments"}, "id"?}];
     arguments given as a JSON string of an object become the object (a string that is not
     one stays a string: the data check reports it)."""
@@ -304,8 +312,8 @@ def _tool_calls(raw: Any, where: str) -> list[dict]:
         if not isinstance(name, str) or not name:
             raise InvalidExample(f"{w} has no function name", hint='write {"function": {"name"}}')
         args = fn.get("arguments", fn.get("parameters", {}))
-        if isinstance(args, str):
-            args = _json_object(args) or args
+        if isinstance(args, str) and _json_object(args) is not None:
+            args = _json_object(args)
         if not isinstance(args, (dict, str)):
             raise InvalidExample(f"{w} arguments are a {type(args).__name__}, expected an object")
         canon = {"type": "function", "function": {"name": name, "arguments": args}}
@@ -331,10 +339,10 @@ def _sharegpt_call(m: dict, where: str) -> dict:
     except ValueError as e:
         raise InvalidExample(f"{where} function_call value is not JSON ({e})") from None
     calls = calls if isinstance(calls, list) else [calls]
-    return {"role": "assistant", "content": "", "tool_calls": _tool_calls(calls, where)}
+    return {"role": "assistant", "content": "", "tool_calls": parse_tool_calls(calls, where)}
 
 
-def _tools(raw: Any) -> list[dict] | None:
+def parse_tools(raw: Any) -> list[dict] | None:
     """The example's tool definitions, each {"type": "function", "function": {...}}."""
     if raw is None:
         return None

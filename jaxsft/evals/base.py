@@ -5,18 +5,30 @@ its file at start (a UserError naming file:line, before anything is written) and
 - `score(rows, replies) -> (metrics, rows)`: a generation eval (golden, ifeval, safety): the
   replies come from greedy generation on each row's `messages`, or from a responses file
   (`python -m jaxsft.evaluate --responses`), so such an eval also scores text without a model;
-- `run(model, tokenizer, rows, opts) -> (metrics, rows)`: any other eval (multiple choice,
-  scored by log-likelihood).
+  a kind with a `judge_prompt` (safety) also takes `verdicts`: a local judge model's replies
+  to judge_prompt(row, reply) (Options.judge), or None;
+- `run(model, tokenizer, rows, opts) -> rows` and `summarize(rows, opts) -> metrics`: any other
+  eval (multiple choice, scored by log-likelihood).
 `metrics` is a JSON-able dict; its `keys` are the headline numbers that metrics.jsonl, the
 summary and the reports carry as `{name}_{key}` (golden_score, mc_accuracy, ...). `rows` are
 the per-row results.
+
+Every process runs every eval: in a multi-process run each process generates (or scores) its
+own contiguous share of the rows on its own copy of the model, the replies (or per-row
+results) are gathered in row order (`gather`: JSON over jax's process_allgather) and every
+process computes the same metrics; process 0 writes them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import os
 import re
 from collections.abc import Callable, Sequence
+
+import numpy as np
 
 from jaxsft.data.readers import read_jsonl
 from jaxsft.errors import UserError
@@ -32,6 +44,19 @@ class Options:
     eos_ids: tuple[int, ...] = ()  # extra ids that end a reply
     metric: str = "exact"  # golden rows that name no metric
     mc_style: str = "letter"  # multiple choice: score " A".. or the choice text
+    # {eval name or "judge": new tokens}: overrides max_new_tokens for that eval (0 or absent:
+    # max_new_tokens); eval.NAME_max_new_tokens in a run, --NAME-max-new-tokens in the CLI.
+    max_new_tokens_by: dict = dataclasses.field(default_factory=dict)
+    judge: str = ""  # HF directory of a local judge model (kinds with a judge_prompt)
+    judge_dtype: str = "float32"
+
+    def new_tokens(self, name: str) -> int:
+        """New tokens per reply of eval `name` (its own setting, else max_new_tokens)."""
+        return int(self.max_new_tokens_by.get(name) or self.max_new_tokens)
+
+    def for_eval(self, name: str) -> Options:
+        """These options with max_new_tokens set for eval `name`."""
+        return dataclasses.replace(self, max_new_tokens=self.new_tokens(name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +69,10 @@ class Kind:
     labels: dict = dataclasses.field(default_factory=dict)  # key -> table label
     lower_better: tuple[str, ...] = ()  # keys where a drop is an improvement
     general: tuple[str, ...] = ()  # general-capability keys: the regression guard watches them
-    score: Callable | None = None  # (rows, replies) -> (metrics, rows)
-    run: Callable | None = None  # (model, tokenizer, rows, opts) -> (metrics, rows)
+    score: Callable | None = None  # (rows, replies[, verdicts]) -> (metrics, rows)
+    run: Callable | None = None  # (model, tokenizer, rows, opts) -> per-row results
+    summarize: Callable | None = None  # (per-row results, opts) -> metrics (with `run`)
+    judge_prompt: Callable | None = None  # (row, reply) -> messages for a judge model
 
     @property
     def generates(self) -> bool:
@@ -65,13 +92,31 @@ class Eval:
         return self.kind.name
 
     def run(self, model, tokenizer, opts: Options) -> tuple[dict, list[dict]]:
-        if self.kind.generates:
-            return self.kind.score(self.rows, generate_replies(model, tokenizer, self.rows, opts))
-        return self.kind.run(model, tokenizer, self.rows, opts)
+        """(metrics, per-row results) of the model on every row; in a multi-process run this
+        process's share of the rows only is computed here, the rest gathered."""
+        mine = process_share(self.rows)
+        if not self.kind.generates:
+            scored = gather(self.kind.run(model, tokenizer, mine, opts) if mine else [])
+            return self.kind.summarize(scored, opts), scored
+        replies = generate_replies(model, tokenizer, mine, opts.for_eval(self.name))
+        verdicts = self.judge(mine, replies, opts)
+        replies = gather(replies)
+        return self.score(replies, None if verdicts is None else gather(verdicts))
 
-    def score(self, replies: Sequence[str]) -> tuple[dict, list[dict]]:
+    def judge(self, rows, replies, opts: Options) -> list[str] | None:
+        """The judge model's replies to judge_prompt(row, reply), or None without a judge."""
+        if not (opts.judge and self.kind.judge_prompt):
+            return None
+        prompts = [self.kind.judge_prompt(r, rep) for r, rep in zip(rows, replies, strict=True)]
+        model, tokenizer, eos = load_judge(opts.judge, opts.judge_dtype)
+        judge_opts = dataclasses.replace(opts.for_eval("judge"), eos_ids=eos)
+        return generate_replies(model, tokenizer, [{"messages": p} for p in prompts], judge_opts)
+
+    def score(self, replies: Sequence[str], verdicts=None) -> tuple[dict, list[dict]]:
         if not self.kind.generates:
             raise UserError(f"the {self.name} eval needs a model (--model), not responses")
+        if self.kind.judge_prompt:
+            return self.kind.score(self.rows, list(replies), verdicts)
         return self.kind.score(self.rows, list(replies))
 
     def headline(self, metrics: dict) -> dict:
@@ -83,6 +128,8 @@ def generate_replies(model, tokenizer, rows: Sequence[dict], opts: Options) -> l
     """Greedy replies to each row's `messages` (chat template with the generation prompt)."""
     from jaxsft.evals.sample import generate
 
+    if not rows:
+        return []
     return generate(
         model,
         tokenizer,
@@ -91,7 +138,76 @@ def generate_replies(model, tokenizer, rows: Sequence[dict], opts: Options) -> l
         temperature=0.0,
         batch_size=opts.batch_size,
         eos_ids=opts.eos_ids,
+        tools=[r.get("tools") for r in rows],  # golden rows' tool definitions, if any
     )
+
+
+def share_bounds(n: int, index: int, count: int) -> tuple[int, int]:
+    """[start, end) of process `index`'s contiguous share of n rows over `count` processes
+    (sizes differ by at most one; the shares in process order are the rows in order)."""
+    return index * n // count, (index + 1) * n // count
+
+
+def process_share(rows: Sequence) -> list:
+    """This process's share of the rows (all of them in a one-process run)."""
+    import jax
+
+    start, end = share_bounds(len(rows), jax.process_index(), jax.process_count())
+    return list(rows[start:end])
+
+
+def gather(items: Sequence) -> list:
+    """Every process's JSON-able `items`, concatenated in process order (the same list on
+    every process); `items` itself in a one-process run. Collective: every process calls it."""
+    import jax
+
+    if jax.process_count() == 1:
+        return list(items)
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(list(items)).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([data.size], np.int32))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    every = np.asarray(multihost_utils.process_allgather(padded))
+    out = []
+    for p, size in enumerate(np.asarray(sizes).reshape(-1)):
+        out += json.loads(bytes(every[p, : int(size)]).decode())
+    return out
+
+
+def local_mesh():
+    """A mesh over this process's own devices (all on 'fsdp'): where a process-local model
+    (a judge, a training run's model copied for generation) lives."""
+    import jax
+
+    from jaxsft.sharding import make_mesh
+
+    return make_mesh(1, -1, 1, devices=jax.local_devices())
+
+
+def check_judge(path: str) -> None:
+    """A judge directory must hold an HF checkpoint (config.json); checked at start."""
+    if path and not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(
+            "the judge model directory has no config.json",
+            where=path,
+            hint="eval.judge (--judge) takes a local HF checkpoint directory",
+        )
+
+
+@functools.cache
+def load_judge(path: str, dtype: str = "float32"):
+    """(model, tokenizer, eos ids) of a judge checkpoint, loaded once per process on this
+    process's devices and kept for the later evals of the run."""
+    import jaxsft
+    from jaxsft.evals.sample import generation_config_eos
+    from jaxsft.tokenizer import load_tokenizer
+
+    check_judge(path)
+    tokenizer = load_tokenizer(path)
+    model, _ = jaxsft.load_hf(path, dtype=dtype, param_dtype=dtype, mesh=local_mesh())
+    return model, tokenizer, tuple(generation_config_eos(path))
 
 
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)

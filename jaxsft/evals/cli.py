@@ -1,12 +1,17 @@
 """Evaluate an HF checkpoint directory, or a file of responses, on any of the evals.
 
     python -m jaxsft.evaluate --model DIR [--golden F] [--mc F] [--ifeval F] [--safety F]
-                              [--out FILE] [--compare BASE_DIR] [--max-new-tokens N] ...
+                              [--out FILE] [--compare BASE_DIR] [--max-new-tokens N]
+                              [--NAME-max-new-tokens N] [--judge JUDGE_DIR] ...
     python -m jaxsft.evaluate --responses RESPONSES.jsonl --ifeval F [--golden F] [--safety F]
 
 With --compare, the base directory is scored too (first, then freed) and the report pairs
 every row: base and tuned output, pass/fail each. With --responses ({"prompt", "response"} a
-line) no model is loaded: the generation evals score those responses, matched by prompt.
+line) no model is loaded (but the --judge, if any): the generation evals score those
+responses, matched by prompt.
+--NAME-max-new-tokens (golden, ifeval, safety, judge) default as eval.NAME_max_new_tokens in
+configs/base.py (IFEval 512); 0 means --max-new-tokens. --judge names a local HF checkpoint
+that judges the safety replies (jaxsft/evals/safety.py).
 The report is JSON (--out) plus a short Markdown table, printed and saved next to it (same
 name, .md). Formats and metrics: the modules of jaxsft/evals/ and docs/evaluation.md.
 """
@@ -44,7 +49,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--responses", metavar="FILE", help="score these {prompt, response} rows")
     ap.add_argument("--compare", metavar="BASE_DIR", help="also evaluate this (base) checkpoint")
     ap.add_argument("--out", help="report JSON path (the Markdown table goes next to it as .md)")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    defaults = base_eval_config()
+    ap.add_argument("--max-new-tokens", type=int, default=int(defaults.max_new_tokens))
+    for name in evals_lib.TOKEN_BUDGETS:
+        ap.add_argument(
+            f"--{name}-max-new-tokens",
+            type=int,
+            default=int(defaults[f"{name}_max_new_tokens"]),
+            metavar="N",
+            help=f"new tokens per {name} reply (0: --max-new-tokens)",
+        )
+    ap.add_argument("--judge", metavar="JUDGE_DIR", default="", help="safety judge checkpoint")
     ap.add_argument(
         "--metric", default="exact", choices=METRICS, help="metric of golden rows that name none"
     )
@@ -76,6 +91,19 @@ def _check_args(ap, args) -> None:
         ap.error("--responses scores text: --compare and --mc need a model")
     if args.max_new_tokens < 1:
         ap.error("--max-new-tokens must be >= 1")
+    if any(budget(args, n) < 0 for n in evals_lib.TOKEN_BUDGETS):
+        ap.error("--NAME-max-new-tokens must be >= 0")
+
+
+def base_eval_config():
+    """The `eval` group of configs/base.py: the CLI's defaults are a run's defaults."""
+    from jaxsft.configs import base as base_config
+
+    return base_config.get_config().eval
+
+
+def budget(args, name: str) -> int:
+    return getattr(args, f"{name}_max_new_tokens")
 
 
 def options(args) -> base.Options:
@@ -85,11 +113,15 @@ def options(args) -> base.Options:
         batch_size=args.batch_size,
         metric=args.metric,
         mc_style=args.mc_style,
+        max_new_tokens_by={n: budget(args, n) for n in evals_lib.TOKEN_BUDGETS},
+        judge=args.judge,
+        judge_dtype=args.dtype,
     )
 
 
 def load_evals(args, opts: base.Options) -> list[base.Eval]:
     """Every eval named on the command line, read and validated (before any model loads)."""
+    base.check_judge(opts.judge)
     return [
         evals_lib.load(name, getattr(args, name), opts)
         for name in evals_lib.KINDS
@@ -116,10 +148,15 @@ def evaluate_dir(path: str, evals, opts: base.Options, dtype="float32") -> dict:
     return out
 
 
-def score_responses(path: str, evals) -> dict:
-    """{name: (metrics, rows)} of the responses file, for the generation evals."""
+def score_responses(path: str, evals, opts: base.Options) -> dict:
+    """{name: (metrics, rows)} of the responses file, for the generation evals (the safety
+    replies judged by opts.judge when there is one)."""
     responses = base.load_responses(path)
-    return {ev.name: ev.score(base.replies_for(ev, responses, path)) for ev in evals}
+    out = {}
+    for ev in evals:
+        replies = base.replies_for(ev, responses, path)
+        out[ev.name] = ev.score(replies, ev.judge(ev.rows, replies, opts))
+    return out
 
 
 def generation_eos(path: str) -> list[int]:
@@ -142,6 +179,8 @@ def build_report(args, evals, tuned: dict, base_results: dict | None) -> dict:
     report["files"] = {ev.name: ev.path for ev in evals}
     report["options"] = {
         "max_new_tokens": args.max_new_tokens,
+        **{f"{n}_max_new_tokens": budget(args, n) for n in evals_lib.TOKEN_BUDGETS},
+        "judge": args.judge or None,
         "default_metric": args.metric,
         "mc_style": args.mc_style,
     }
@@ -228,7 +267,7 @@ def main(argv=None) -> int:
             "--out is a directory", where=args.out, hint="give a file, e.g. DIR/eval.json"
         )
     if args.responses:
-        base_results, tuned = None, score_responses(args.responses, evals)
+        base_results, tuned = None, score_responses(args.responses, evals, opts)
     else:
         base_results = evaluate_dir(args.compare, evals, opts, args.dtype) if args.compare else None
         tuned = evaluate_dir(args.model, evals, opts, args.dtype)

@@ -114,6 +114,7 @@ def score_ifeval(rows: Sequence[dict], replies: Sequence[str]) -> tuple[dict, li
             {
                 "prompt": row["prompt"],
                 "instruction_id_list": row["instruction_id_list"],
+                "output": reply,
                 "strict": [follows(i, text, kw) for i, kw in pairs],
                 "loose": [follows_loose(i, text, kw) for i, kw in pairs],
             }

@@ -221,6 +221,14 @@ def mc_eval(
     {"accuracy", "accuracy_mean", "n"}}, "rows": [{line, subject, answer, pred, pred_mean,
     logprob_sum, logprob_mean, probs, correct}]}.
     """
+    scored = score_rows(model, tokenizer, rows, style=style, batch_size=batch_size)
+    return {**summarize(scored, style), "rows": scored}
+
+
+def score_rows(
+    model, tokenizer, rows: Sequence[dict], *, style: str = "letter", batch_size: int | None = None
+) -> list[dict]:
+    """The per-row results of mc_eval (no metrics)."""
     seqs, plan = _requests(tokenizer, rows, style)
     lps = sequence_logprobs(model, seqs, _reads_per_seq(seqs, plan), batch_size)
     cursor = [0] * len(seqs)  # reads are consumed in the order _reads_per_seq laid them out
@@ -246,12 +254,16 @@ def mc_eval(
                 "correct": pred == row["answer"],
             }
         )
+    return scored
+
+
+def summarize(scored: Sequence[dict], style: str = "letter") -> dict:
+    """The metrics of mc_eval from its per-row results."""
     return {
         **_accuracy(scored),
         **calibration_metrics(scored),
         "style": style,
         "subjects": _by_subject(scored),
-        "rows": scored,
     }
 
 
@@ -277,12 +289,6 @@ def _by_subject(scored: Sequence[dict]) -> dict:
     return {s: _accuracy([r for r in scored if r["subject"] == s]) for s in subjects}
 
 
-def _run(model, tokenizer, rows, opts: base.Options) -> tuple[dict, list[dict]]:
-    out = mc_eval(model, tokenizer, rows, style=opts.mc_style, batch_size=opts.batch_size)
-    rows_out = out.pop("rows")
-    return out, rows_out
-
-
 KIND = base.Kind(
     name="mc",
     load=lambda path, opts: load_mc(path, opts.max_rows),
@@ -292,5 +298,8 @@ KIND = base.Kind(
     labels={"accuracy": "multiple-choice accuracy"},
     lower_better=("ece", "brier"),
     general=("accuracy",),
-    run=_run,
+    run=lambda model, tok, rows, opts: score_rows(
+        model, tok, rows, style=opts.mc_style, batch_size=opts.batch_size
+    ),
+    summarize=lambda scored, opts: summarize(scored, opts.mc_style),
 )

@@ -46,16 +46,20 @@ def generate(
     seed: int = 0,
     batch_size: int | None = None,
     eos_ids: Sequence[int] = (),
+    tools: Sequence | None = None,
 ) -> list[str]:
     """The assistant reply to each conversation (a list of {"role", "content"} messages).
 
     Prompts are the tokenizer's chat template with add_generation_prompt=True, token for token
-    as `apply_chat_template(tokenize=True)` gives them. Generation stops at any eos id: the
-    model config's `eos_token_ids`, the tokenizer's `eos_token_id` and the extra `eos_ids`;
-    the eos is not part of the reply, which is decoded with skip_special_tokens=True.
+    as `apply_chat_template(tokenize=True, tools=...)` gives them. `tools`: one list of tool
+    definitions for every conversation, or one entry (a list or None) per conversation.
+    Generation stops at any eos id: the model config's `eos_token_ids`, the tokenizer's
+    `eos_token_id` and the extra `eos_ids`; the eos is not part of the reply, which is decoded
+    with skip_special_tokens=True.
     `batch_size` rows run together (None: 8); rows are grouped by prompt length.
     """
-    prompts = [encode_chat(tokenizer, conv) for conv in conversations]
+    per_conv = tools_per_conversation(tools, len(conversations))
+    prompts = [encode_chat(tokenizer, c, t) for c, t in zip(conversations, per_conv, strict=True)]
     eos = stop_ids(model, tokenizer, eos_ids)
     out = generate_ids(
         model,
@@ -71,14 +75,29 @@ def generate(
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in out]
 
 
-def encode_chat(tokenizer, messages: Sequence[dict]) -> list[int]:
-    """Prompt ids: the chat template with the generation prompt (no second BOS)."""
+def tools_per_conversation(tools: Sequence | None, n: int) -> list:
+    """`tools` of generate -> one entry (a list of definitions or None) per conversation."""
+    if (
+        tools is not None
+        and len(tools) == n
+        and all(t is None or isinstance(t, list) for t in tools)
+    ):
+        return list(tools)
+    return [list(tools) if tools else None] * n
+
+
+def encode_chat(
+    tokenizer, messages: Sequence[dict], tools: Sequence[dict] | None = None
+) -> list[int]:
+    """Prompt ids: the chat template with the generation prompt and `tools` (no second BOS)."""
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(
             "the tokenizer has no chat_template",
             hint="generation renders prompts with the checkpoint's chat template",
         )
-    out = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    out = tokenizer.apply_chat_template(
+        list(messages), tools=tools or None, add_generation_prompt=True, tokenize=True
+    )
     ids = out["input_ids"] if hasattr(out, "keys") else out
     return [int(i) for i in ids]
 
