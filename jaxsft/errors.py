@@ -80,6 +80,21 @@ def run_cli(main: Callable[..., int | None]) -> Callable[..., int | None]:
     return wrapped
 
 
+class _BestEffortFileHandler(logging.FileHandler):
+    """The background-errors log is best effort: when it cannot be written (the disk that
+    made the save fail is full), the record is dropped instead of printing logging's own
+    traceback, and closing never raises."""
+
+    def handleError(self, record):  # noqa: N802 - logging's name
+        pass
+
+    def close(self):
+        try:
+            super().close()
+        except OSError:
+            pass
+
+
 @contextlib.contextmanager
 def background_errors_to(log_path: str):
     """Route what background threads print about their own failures (orbax's async save
@@ -90,7 +105,7 @@ def background_errors_to(log_path: str):
     if os.environ.get("JAXSFT_DEBUG") == "1":
         yield
         return
-    handler = logging.FileHandler(log_path, delay=True)
+    handler = _BestEffortFileHandler(log_path, delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
     saved = [(lg, lg.propagate) for lg in loggers]

@@ -10,10 +10,33 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Set by conftest.py for the session: the directory of a persistent JAX compilation cache that
+# the jaxsft subprocesses of the tests share ("" or unset: no cache).
+CACHE_ENV = "JAXSFT_TEST_COMPILATION_CACHE"
+
+
+def compilation_cache_env() -> dict[str, str]:
+    """Environment for a subprocess that reuses the XLA executables earlier subprocesses of
+    this session compiled for the same program (the cache key is the whole HLO module, the
+    compile options and devices, and jax/jaxlib's versions: the executable is the one a fresh
+    compile makes, results are bit-identical). Every program is cached, however small.
+
+    Only subprocesses get it: the pytest process compiles as it always did, so tests that
+    count compiles in process (test_sample's CompileCounter) still see every compile."""
+    path = os.environ.get(CACHE_ENV, "")
+    if not path:
+        return {}
+    return {
+        "JAX_COMPILATION_CACHE_DIR": path,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    }
+
 
 def run_module(module: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
+        **compilation_cache_env(),
         "HF_HUB_OFFLINE": "1",
         "JAXSFT_DEBUG": "0",
         "TOKENIZERS_PARALLELISM": "false",

@@ -2,12 +2,20 @@
 parity errors that is printed at the end of the run and written as JSON.
 
 Set JAXSFT_PARITY_JSON=/some/file.json to keep the parity record outside pytest's tmp dir.
+
+The jaxsft subprocesses the tests start (train_utils, cli_utils) share a persistent JAX
+compilation cache made for the session and removed at its end: most of them compile the same
+tiny train, eval and decoding programs, which now compile once per session. Set
+JAXSFT_TEST_COMPILATION_CACHE=DIR to use (and keep) DIR instead, or to "" to compile afresh in
+every subprocess.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 
 import pytest
@@ -17,6 +25,32 @@ import pytest
 PARITY_RECORD: dict[str, dict] = {}
 _TIMINGS: dict[str, float] = {}
 _BASETEMP: list = []
+
+
+_CACHE_ENV = "JAXSFT_TEST_COMPILATION_CACHE"  # read by cli_utils.compilation_cache_env
+_OWN_CACHE: list[str] = []
+
+
+def pytest_configure(config):
+    if _CACHE_ENV not in os.environ:
+        _OWN_CACHE.append(tempfile.mkdtemp(prefix="jaxsft-test-compilation-cache-"))
+        os.environ[_CACHE_ENV] = _OWN_CACHE[0]
+
+
+def pytest_unconfigure(config):
+    for path in _OWN_CACHE:
+        shutil.rmtree(path, ignore_errors=True)
+        os.environ.pop(_CACHE_ENV, None)
+    _OWN_CACHE.clear()
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory) -> str:
+    """The README demo's assets (tiny Llama, tokenizer, chat data), made once per session and
+    shared read-only by the training, fault and malformed-input tests."""
+    from jaxsft.demo import ensure_assets
+
+    return ensure_assets(str(tmp_path_factory.mktemp("demo_assets")))
 
 
 @pytest.fixture(scope="session")

@@ -46,14 +46,13 @@ COMMON = [
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """Demo assets with a 60-example train file: 30 packed rows, 4 steps an epoch at 8 rows."""
-    from jaxsft.demo import ensure_assets
-
-    root = ensure_assets(str(tmp_path_factory.mktemp("fault_assets")))
+def assets(demo_assets, tmp_path_factory):
+    """Demo assets (the session's, read-only) with a 60-example train file of this module's
+    own: 30 packed rows, 4 steps an epoch at 8 rows."""
+    root = demo_assets
     with open(os.path.join(root, "train.jsonl")) as f:
         lines = f.readlines()[:60]
-    small = os.path.join(root, "train_small.jsonl")
+    small = os.path.join(str(tmp_path_factory.mktemp("fault_data")), "train_small.jsonl")
     with open(small, "w") as f:
         f.writelines(lines)
     return root, small
@@ -491,8 +490,8 @@ def test_refused_starts_leave_run_dir_byte_identical(assets, stopped_at_16, tmp_
     assert proc.returncode == 0
 
 
-def start_two(assets, run_dir):
-    root, run_dir, overrides = args_for(assets, run_dir, *slowed(assets))
+def start_two(assets, run_dir, slow=True):
+    root, run_dir, overrides = args_for(assets, run_dir, *(slowed(assets) if slow else ()))
     return start_two_processes(root, run_dir, overrides)
 
 
@@ -513,7 +512,9 @@ def test_sigterm_on_one_host_stops_all_hosts(assets, reference, tmp_path):
     stopped = existing_steps(run_dir)[-1]
     assert stopped == logged_steps(run_dir) < STEPS
     assert damage(os.path.join(run_dir, "checkpoints", str(stopped))) is None
-    procs = start_two(assets, run_dir)
+    # the resume needs no slowing (no signal is sent to it): the plain command, as the
+    # single-process resumes above (the slowing keys are free: nothing trained changes)
+    procs = start_two(assets, run_dir, slow=False)
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]

@@ -46,11 +46,10 @@ class Ctx:
 
 
 @pytest.fixture(scope="module")
-def corpus_env(tmp_path_factory):
-    """Demo assets and small valid data files (fast starts), made once for the module."""
-    from jaxsft.demo import ensure_assets
-
-    assets = Path(ensure_assets(str(tmp_path_factory.mktemp("corpus_assets"))))
+def corpus_env(demo_assets, tmp_path_factory):
+    """Demo assets (the session's) and small valid data files (fast starts), made once for the
+    module."""
+    assets = Path(demo_assets)
     small_dir = tmp_path_factory.mktemp("corpus_small")
     small = {}
     for name, n in (("train", N_TRAIN), ("eval", N_EVAL), ("golden", N_GOLDEN)):

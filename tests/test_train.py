@@ -15,13 +15,6 @@ from train_utils import FAST, ROOT, losses, run_main, start_two_processes
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-@pytest.fixture(scope="session")
-def demo_assets(tmp_path_factory):
-    from jaxsft.demo import ensure_assets
-
-    return ensure_assets(str(tmp_path_factory.mktemp("demo_assets")))
-
-
 def load_config(assets, *overrides):
     os.environ["JAXSFT_DEMO_ASSETS"] = assets
     from jaxsft import config as config_lib
@@ -188,13 +181,24 @@ def test_kl_to_base_term(demo_assets, tmp_path):
     assert kls[-1] > 1e-4
 
 
-def test_resume_equals_uninterrupted(demo_assets, tmp_path):
+SIX_STEPS = ["--config.train.max_steps=6"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_assets, tmp_path_factory) -> str:
+    """One uninterrupted 6-step run on one device: the reference of the resume and the
+    sharded tests (only read by them)."""
+    run_dir = str(tmp_path_factory.mktemp("uninterrupted") / "full")
+    run_main(demo_assets, run_dir, SIX_STEPS)
+    return run_dir
+
+
+def test_resume_equals_uninterrupted(demo_assets, uninterrupted, tmp_path):
     """Stop after 3 steps, rerun the same command: same per-step losses and final params as
     one uninterrupted 6-step run (data iterator position, optimizer and step restored)."""
     from jaxsft.train.setup import restore_model
 
-    full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    run_main(demo_assets, full, ["--config.train.max_steps=6"])
+    full, part = uninterrupted, str(tmp_path / "part")
     run_main(
         demo_assets,
         part,
@@ -219,17 +223,20 @@ def test_resume_equals_uninterrupted(demo_assets, tmp_path):
     assert "already finished" in proc.stdout
 
 
-def test_sharded_8_devices_equals_single(demo_assets, tmp_path):
-    """fsdp=4 x tensor=2 on 8 fake devices: same losses and parameters as one device."""
+def test_sharded_8_devices_equals_single(demo_assets, uninterrupted, tmp_path):
+    """fsdp=4 x tensor=2 on 8 fake devices: same losses and parameters as one device (the
+    6-step run of the resume test)."""
     from jaxsft.train.setup import restore_model
 
-    one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
-    steps = ["--config.train.max_steps=3"]
-    run_main(demo_assets, one, steps)
+    one, eight = uninterrupted, str(tmp_path / "eight")
     run_main(
-        demo_assets, eight, [*steps, "--config.mesh.fsdp=4", "--config.mesh.tensor=2"], devices=8
+        demo_assets,
+        eight,
+        [*SIX_STEPS, "--config.mesh.fsdp=4", "--config.mesh.tensor=2"],
+        devices=8,
     )
     l1, l8 = losses(one), losses(eight)
+    assert sorted(l8) == sorted(l1) == list(range(1, 7))
     for s in l1:
         assert l8[s] == pytest.approx(l1[s], rel=2e-5), (s, l1[s], l8[s])
     m1, *_ = restore_model(one)

@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 
+from cli_utils import compilation_cache_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo.py")
 
@@ -26,6 +28,7 @@ FAST = [
 
 def subprocess_env(assets: str, devices: int = 1, **extra) -> dict:
     env = dict(os.environ)
+    env.update(compilation_cache_env())
     env.update(
         JAXSFT_DEMO_ASSETS=assets,
         JAX_PLATFORMS="cpu",
