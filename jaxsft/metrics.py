@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from jaxsft import run_dir as rd
+from jaxsft.errors import WriteFailed
 
 # Dense bf16 peak FLOP/s per device, for MFU. CPU: the measured bf16-input, fp32-accumulate
 # 2048^3 matmul peak of the 2-core project machines (NOTES.md); override with train.peak_tflops.
@@ -109,7 +110,11 @@ class MetricsLogger:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
-        plot_loss(self.path, rd.path(os.path.dirname(self.path), rd.LOSS_PNG))
+        png = rd.path(os.path.dirname(self.path), rd.LOSS_PNG)
+        try:
+            plot_loss(self.path, png)
+        except OSError as e:
+            raise WriteFailed(f"cannot write the loss plot: {e.strerror or e}", where=png) from None
 
 
 def _summary_writer(logdir: str):

@@ -96,8 +96,13 @@ def train(config, s: Start, stop: StopRequest) -> dict:
         if ckpt.latest_step() != step:
             ckpt.save(step, trainer.state, s.data_iter, force=True)
         ckpt.close()
-    finally:
-        log.close()  # also ends the progress bar line before an error message
+    except BaseException:
+        # End the progress bar line before the error message; on a full disk the loss plot
+        # cannot be written either, and that must not replace the error that stops the run.
+        with contextlib.suppress(Exception):
+            log.close()
+        raise
+    log.close()
     if step < s.total:
         why = "signal" if stop.signal_name else "stop_after"
         what = stop.signal_name or "train.stop_after"
