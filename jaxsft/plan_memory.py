@@ -17,7 +17,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -126,11 +125,7 @@ def abstract_setup(config, mesh) -> setup_lib.TrainSetup:
 
 def abstract_opt_state(tx, params, replicated):
     """`setup.init_opt_state` from shapes: each moment sharded like its parameter."""
-    param_sh = jax.tree.map(lambda x: x.sharding, params)
-    abstract = jax.eval_shape(tx.init, params)
-    opt_sh = optax.tree_map_params(
-        tx, lambda _, sh: sh, abstract, param_sh, transform_non_params=lambda _: replicated
-    )
+    abstract, opt_sh = setup_lib.opt_state_shardings(tx, params, replicated)
     return jax.tree.map(_with_sharding, abstract, opt_sh)
 
 

@@ -99,13 +99,20 @@ def build_model_state(config, mesh=None, total_steps: int = 1) -> TrainSetup:
     )
 
 
-def init_opt_state(tx, params, replicated):
-    """Optimizer state with each moment sharded like its parameter (counts replicated)."""
+def opt_state_shardings(tx, params, replicated):
+    """(abstract optimizer state, its shardings): each moment sharded like its parameter,
+    counts replicated. params may be arrays or ShapeDtypeStructs with shardings."""
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     abstract = jax.eval_shape(tx.init, params)
     opt_sh = optax.tree_map_params(
         tx, lambda _, sh: sh, abstract, param_sh, transform_non_params=lambda _: replicated
     )
+    return abstract, opt_sh
+
+
+def init_opt_state(tx, params, replicated):
+    """Optimizer state with each moment sharded like its parameter (counts replicated)."""
+    _, opt_sh = opt_state_shardings(tx, params, replicated)
     return jax.jit(tx.init, out_shardings=opt_sh)(params)
 
 
