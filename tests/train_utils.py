@@ -14,7 +14,8 @@ from cli_utils import compilation_cache_env
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo.py")
 
-# Small, fast runs: short rows, 8 rows a step, log every step.
+# Small, fast runs: short rows, 8 rows a step, log every step, no multiple-choice eval (the
+# demo's eval.mc: a test that wants it sets it again).
 FAST = [
     "--config.data.max_length=48",
     "--config.train.batch_size=8",
@@ -23,6 +24,7 @@ FAST = [
     "--config.train.save_every=0",
     "--config.train.eval_at_start=false",
     "--config.export.format=none",
+    "--config.eval.mc=",
 ]
 
 

@@ -85,7 +85,7 @@ def train(config, s: Start, stop: StopRequest) -> dict:
     try:
         with jax.set_mesh(trainer.mesh):
             if s.step == 0 and tc.eval_at_start:
-                details = {}
+                details = eval_details()
                 log.log(0, s.evals(trainer, details))
                 write_eval_rows(config, details, report.before_file)
             try:
@@ -223,7 +223,7 @@ def finish(config, trainer, evals, step, resumed_finished=False) -> dict:
         print(f"run already finished at step {step}")
         print(format_summary(summary))
         return summary
-    details = {}
+    details = eval_details()
     with jax.set_mesh(trainer.mesh):
         after = evals(trainer, details)
     summary = {"step": step, "before": logged_at(config.run_dir, 0), "after": after}
@@ -246,7 +246,14 @@ def finish(config, trainer, evals, step, resumed_finished=False) -> dict:
     return summary
 
 
-def write_eval_rows(config, details: dict, file_of) -> None:
+def eval_details() -> dict | None:
+    """Where the evals leave their per-row results: a dict on process 0, which writes them;
+    None elsewhere, so the other processes keep only the metrics (not every eval's rows
+    through the export that follows)."""
+    return {} if jax.process_index() == 0 else None
+
+
+def write_eval_rows(config, details: dict | None, file_of) -> None:
     """Each eval's metrics and rows (process 0): golden_before.json, golden_after.json, ..."""
     if jax.process_index() == 0:
         for name, result in details.items():
