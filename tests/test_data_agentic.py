@@ -64,6 +64,12 @@ TOOL_RUNS = {
         '"id": "abc123xyz"}]</s>',
         "It is sunny in paris.</s>",
     ],
+    # Hermes tool_use: the same call syntax, the tools after a preamble in a system turn of
+    # its own, results in a `tool` turn
+    "hermes": [
+        QWEN_CALL,
+        "It is sunny in paris.<|im_end|>",
+    ],
     # XML calls; the tools are XML <function> blocks in the system turn
     "qwen3_coder": [
         "<tool_call>\n<function=get_weather>\n<parameter=city>\nparis\n</parameter>\n"
@@ -438,3 +444,243 @@ def test_fractional_weights_change_the_data_fingerprint():
     ones = fp(np.array([0, 1, 1, 0], np.int8))
     assert fp(np.array([0, 1, 1, 0], np.float32)) == ones
     assert fp(np.array([0, 1, 0.5, 0], np.float32)) not in (ones, fp(np.array([0, 1, 0.25, 0])))
+
+
+# --------------------------------------------------------------------------------------------
+# More template families: parallel calls over several turns, Hermes, SmolLM3, Llama 3.1
+# built-in tools, and data.turns=expand against the generation prompt for each
+# --------------------------------------------------------------------------------------------
+ROME_ID = "def456uvw"
+
+
+def city_call(city: str, call_id: str) -> dict:
+    return {**call({"city": city}), "id": call_id}
+
+
+MULTI_MESSAGES = [
+    SYSTEM,
+    {"role": "user", "content": "Weather in paris and rome?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [city_call("paris", CALL_ID), city_call("rome", ROME_ID)],
+    },
+    {"role": "tool", "tool_call_id": CALL_ID, "name": "get_weather", "content": '{"w": "sunny"}'},
+    {"role": "tool", "tool_call_id": ROME_ID, "name": "get_weather", "content": '{"w": "rainy"}'},
+    {"role": "assistant", "content": "Sunny in paris, rainy in rome."},
+    {"role": "user", "content": "Thanks!"},
+    {"role": "assistant", "content": "You are welcome."},
+]
+MULTI_ROW = {"tools": TOOLS, "messages": MULTI_MESSAGES}
+QWEN_TWO_CALLS = QWEN_CALL.replace(
+    "<|im_end|>",
+    '\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "rome"}}\n</tool_call><|im_end|>',
+)
+MULTI_TAIL = ["Sunny in paris, rainy in rome.<|im_end|>", "You are welcome.<|im_end|>"]
+MULTI_RUNS = {
+    "hermes": [QWEN_TWO_CALLS, *MULTI_TAIL],
+    "qwen25": [QWEN_TWO_CALLS, *MULTI_TAIL],
+    "qwen3_tools": [QWEN_TWO_CALLS, *MULTI_TAIL],
+    "qwen3_coder": [
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nparis\n</parameter>\n</function>\n"
+        "</tool_call>\n<tool_call>\n<function=get_weather>\n<parameter=city>\nrome\n</parameter>\n"
+        "</function>\n</tool_call><|im_end|>",
+        *MULTI_TAIL,
+    ],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MULTI_RUNS))
+def test_parallel_calls_and_later_turns_are_each_supervised_whole(toks, kind):
+    tok = toks[kind]
+    out = render(tok, MULTI_ROW)
+    assert runs(tok, MULTI_ROW, out) == MULTI_RUNS[kind]
+    assert out["drops"] == {} and out["turns_without_eot"] == 0 and out["n_assistant_turns"] == 3
+
+
+def test_hermes_tool_use_template_is_picked_by_tools_and_drops_what_it_does_not_write(toks):
+    tok = toks["hermes"]
+    text = tok.apply_chat_template(TOOL_MESSAGES, tools=TOOLS, tokenize=False)
+    assert text.count("<|begin_of_text|>") == 1 and "You are a function calling AI model." in text
+    assert "<|im_start|>tool\n<tool_response>\n" in text
+    # without tools: the "default" template, plain ChatML; Hermes 3 renders no reasoning
+    row = {"messages": REASONING_MESSAGES}
+    out = render(tok, row)
+    assert runs(tok, row, out) == ["It is four.<|im_end|>", "It is six.<|im_end|>"]
+    assert out["drops"] == {"reasoning": 2}
+    assert out["input_ids"].count(tok.bos_token_id) == 1
+    # the tool_use template writes only the calls of a calling turn: the content is a drop
+    msgs = [dict(m) for m in TOOL_MESSAGES]
+    msgs[2]["content"] = "Let me check."
+    out = render(tok, {"tools": TOOLS, "messages": msgs})
+    assert out["drops"] == {"content": 1}
+    assert runs(tok, {"tools": TOOLS, "messages": msgs}, out) == TOOL_RUNS["hermes"]
+
+
+# SmolLM3 reads its tools from xml_tools= (never tools=) and no tool_calls: its own data has
+# the calls in the content, in the syntax its tool prompt asks for.
+SMOL_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "paris"}}\n</tool_call>'
+SMOL_TOOLS = {"xml_tools": TOOLS}
+SMOL_ROW = {
+    "messages": [
+        SYSTEM,
+        TOOL_MESSAGES[1],
+        {"role": "assistant", "content": SMOL_CALL},
+        {"role": "tool", "content": '{"w": "sunny"}'},
+        {"role": "assistant", "content": "<think>\nit said sunny\n</think>\nIt is sunny in paris."},
+        {"role": "user", "content": "Thanks!"},
+        {"role": "assistant", "content": "You are welcome."},
+    ]
+}
+SMOL_HEAD = "<|im_start|>assistant\n"  # inside SmolLM3's {% generation %} blocks
+
+
+def test_smollm3_supervises_its_generation_blocks_calls_and_think_blocks_in_the_content(toks):
+    tok = toks["smollm3"]
+    out = render(tok, SMOL_ROW, template_kwargs=SMOL_TOOLS)
+    assert runs(tok, SMOL_ROW, out, **SMOL_TOOLS) == [
+        f"{SMOL_HEAD}{SMOL_CALL}<|im_end|>\n",
+        f"{SMOL_HEAD}<think>\nit said sunny\n</think>\nIt is sunny in paris.<|im_end|>\n",
+        f"{SMOL_HEAD}You are welcome.<|im_end|>\n",
+    ]
+    assert out["drops"] == {} and out["turns_without_eot"] == 0
+    text = tok.apply_chat_template(SMOL_ROW["messages"], tokenize=False, **SMOL_TOOLS)
+    assert "## Metadata\n\nKnowledge Cutoff Date: June 2025\nToday Date: " in text
+    assert "Reasoning Mode: /think" in text and "### Tools" in text and "get_weather" in text
+    think = tok.decode(
+        [i for i, k in zip(out["input_ids"], out["kinds"], strict=True) if k == KIND_REASONING]
+    )
+    assert think == "<think>\nit said sunny\n</think>"
+
+
+def test_smollm3_refuses_tools_and_calls_it_does_not_render(toks):
+    """tools= and tool_calls are silently dropped by the SmolLM3 template: the calling turn
+    would be trained as an empty reply."""
+    tok = toks["smollm3"]
+    with pytest.raises(UserError, match="does not render the example's tools"):
+        render(tok, TOOL_ROW)
+    with pytest.raises(UserError, match="does not render 1 tool call"):
+        render(tok, {"messages": TOOL_MESSAGES})
+    out = render(tok, TOOL_ROW, on_drop="allow")
+    assert out["drops"] == {"tools": 1, "tool_call": 1}
+    # reasoning_content is not read either (a think block in the content is)
+    out = render(tok, {"messages": REASONING_MESSAGES})
+    assert out["drops"] == {"reasoning": 2}
+
+
+@pytest.mark.parametrize("mode", ["system-flag", "enable_thinking"])
+def test_smollm3_no_think_mode_writes_an_empty_think_block_into_each_turn(toks, mode):
+    tok = toks["smollm3"]
+    msgs = [dict(m) for m in REASONING_MESSAGES]
+    for m in msgs:
+        m.pop("reasoning_content", None)
+    kw = {}
+    if mode == "system-flag":
+        msgs[0]["content"] = "You are a helpful assistant. /no_think"
+    else:
+        kw = {"enable_thinking": False}
+    row = {"messages": msgs}
+    out = render(tok, row, template_kwargs=kw)
+    empty = "<think>\n\n</think>\n"
+    assert runs(tok, row, out, **kw) == [
+        f"{SMOL_HEAD}{empty}It is four.<|im_end|>\n",
+        f"{SMOL_HEAD}{empty}It is six.<|im_end|>\n",
+    ]
+    text = tok.apply_chat_template(msgs, tokenize=False, **kw)
+    assert "Reasoning Mode: /no_think\n\n## Custom Instructions\n\nYou are a helpful" in text
+    assert "/no_think\n\n<|im_start|>user" not in text  # the flag is not an instruction
+    prompt = tok.apply_chat_template(msgs[:2], add_generation_prompt=True, tokenize=False, **kw)
+    assert prompt.endswith(SMOL_HEAD + empty)
+
+
+BUILTIN = {"builtin_tools": ["brave_search", "wolfram_alpha"]}
+BUILTIN_ROW = {
+    "messages": [
+        {"role": "user", "content": "Weather in paris?"},
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {
+                    "type": "function",
+                    "function": {"name": "brave_search", "arguments": {"query": "paris weather"}},
+                }
+            ],
+        },
+        {"role": "tool", "content": "sunny"},
+        {"role": "assistant", "content": "It is sunny."},
+    ]
+}
+
+
+def test_llama31_builtin_tool_calls_supervise_the_python_tag_and_eom(toks):
+    tok = toks["llama31"]
+    out = render(tok, BUILTIN_ROW, template_kwargs=BUILTIN)
+    assert runs(tok, BUILTIN_ROW, out, **BUILTIN) == [
+        '<|python_tag|>brave_search.call(query="paris weather")<|eom_id|>',
+        "It is sunny.<|eot_id|>",
+    ]
+    assert out["drops"] == {} and out["turns_without_eot"] == 0
+    tool_text = tok.decode(
+        [i for i, k in zip(out["input_ids"], out["kinds"], strict=True) if k == KIND_TOOL]
+    )
+    assert tool_text.startswith('<|python_tag|>brave_search.call(query="paris weather")')
+    text = tok.apply_chat_template(BUILTIN_ROW["messages"], tokenize=False, **BUILTIN)
+    assert "Environment: ipython\nTools: brave_search, wolfram_alpha\n\n" in text
+    # in ipython mode a custom (JSON) call ends with <|eom_id|> too
+    out = render(tok, TOOL_ROW, template_kwargs=BUILTIN)
+    assert runs(tok, TOOL_ROW, out, **BUILTIN)[0] == (
+        '{"name": "get_weather", "parameters": {"city": "paris"}}<|eom_id|>'
+    )
+
+
+def test_template_kwargs_cannot_override_what_render_sets(toks):
+    with pytest.raises(UserError, match="tools are set by the renderer"):
+        render(toks["qwen25"], TOOL_ROW, template_kwargs={"tools": TOOLS})
+
+
+PLAIN_ROW = {"messages": [dict(m) for m in REASONING_MESSAGES]}
+for _m in PLAIN_ROW["messages"]:
+    _m.pop("reasoning_content", None)
+# kind -> (row, template keywords) of the expansion test
+EXPAND_CASES = {
+    "hermes": (MULTI_ROW, {}),
+    "qwen25": (MULTI_ROW, {}),
+    "qwen3_tools": (MULTI_ROW, {}),
+    "qwen3_coder": (MULTI_ROW, {}),
+    "mistral": (TOOL_ROW, {}),
+    "llama31": (BUILTIN_ROW, BUILTIN),
+    "smollm3": (SMOL_ROW, SMOL_TOOLS),
+    "phi4mini": (PLAIN_ROW, {}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EXPAND_CASES))
+def test_expand_examples_are_the_generation_prompt_then_the_turn(toks, kind):
+    """Each data.turns=expand example starts with the template's own generation prompt for the
+    turns before it, token for token, and supervises what the full rendering supervises for
+    that turn. Hermes needs the renderer's splice: its last tool result renders differently
+    when it is the last message (no newline before <|im_end|>)."""
+    tok, (row, kw) = toks[kind], EXPAND_CASES[kind]
+    whole = runs(tok, row, render(tok, row, template_kwargs=kw), **kw)
+    exs = turn_examples(normalize(row), "expand")
+    assert len(exs) == len(whole)
+    for ex, expected in zip(exs, whole, strict=True):
+        (out,), _ = render_many(tok, [ex], normalized=True, template_kwargs=kw)
+        ids, mask = out["input_ids"].tolist(), out["loss_mask"]
+        prompt = tok.apply_chat_template(
+            ex["messages"][:-1],
+            tools=row.get("tools"),
+            add_generation_prompt=True,
+            tokenize=True,
+            **kw,
+        )["input_ids"]
+        assert ids[: len(prompt)] == prompt
+        supervised = [i for i, m in zip(ids, mask, strict=True) if m]
+        assert tok.decode(supervised) == expected
+        if kind == "smollm3":  # its generation blocks hold the role line the prompt ends with
+            assert (
+                tok.decode([i for i, m in zip(ids[: len(prompt)], mask, strict=False) if m])
+                == SMOL_HEAD
+            )
+        else:
+            assert not any(mask[: len(prompt)])

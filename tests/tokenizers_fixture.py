@@ -27,7 +27,7 @@ KINDS do not change):
   tools as <|tool|>...<|/tool|> in a system message that has a "tools" key).
 """
 
-# ruff: noqa: E501  (the chat templates are kept verbatim, long lines included)
+# ruff: noqa: E501, W291, W293  (the chat templates are kept verbatim: long lines, trailing spaces)
 
 from __future__ import annotations
 
@@ -315,6 +315,8 @@ def build_tokenizer(kind: str):
     tok.add_special_tokens(
         [AddedToken(t, special=True, normalized=False, rstrip=t in rstrip) for t in extra]
     )
+    added = EXTRA_ADDED.get(kind, [])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     byte_level = processors.ByteLevel(trim_offsets=False)
     if adds_bos:  # like Llama 3: the tokenizer itself prepends <|begin_of_text|>
         bos_id = tok.token_to_id(bos)
@@ -369,6 +371,8 @@ def tokenizer_dir(kind: str, tmp_dir: str | os.PathLike) -> str:
 #   [TOOL_RESULTS], the system prompt folded into the last user turn);
 # - "r1": DeepSeek-R1-Distill-Qwen (the reasoning part of its template: every assistant turn
 #   loses its <think> block; the generation prompt opens one).
+# Further down: "qwen3_coder" (XML calls), "hermes" (Hermes 2 Pro / 3 named templates
+# default + tool_use) and "smollm3" (SmolLM3-3B, {% generation %} blocks, xml_tools).
 # --------------------------------------------------------------------------------------------
 AGENT_KINDS = ("llama31", "qwen25", "qwen3_tools", "mistral", "r1")
 
@@ -898,3 +902,269 @@ QWEN3_CODER_TEMPLATE = """{% macro render_item_list(item_list, tag_name='require
 AGENT_KINDS += ("qwen3_coder",)
 SPECS["qwen3_coder"] = (QWEN3_CODER_TEMPLATE, None, "<|im_end|>", "<|endoftext|>", False)
 EOT["qwen3_coder"] = "<|im_end|>"
+
+# --------------------------------------------------------------------------------------------
+# "hermes": NousResearch Hermes-3-Llama-3.1-8B (and Hermes-2-Pro), whole: two named templates,
+# "default" (plain ChatML, BOS written by the template) and "tool_use", which transformers picks
+# when tools= is given: tools in the system turn inside <tools></tools> after the "You are a
+# function calling AI model..." preamble, calls as <tool_call>\n{"name", "arguments"}\n
+# </tool_call> (the content of a calling turn is not written), results in a `tool` turn as
+# <tool_response>...</tool_response> (no newline after that turn's <|im_end|>, and the last
+# result before the end of the conversation has none before </tool_response>'s <|im_end|>).
+# --------------------------------------------------------------------------------------------
+HERMES_DEFAULT_TEMPLATE = "{{bos_token}}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+
+HERMES_TOOL_USE_TEMPLATE = """{%- macro json_to_python_type(json_spec) %}
+{%- set basic_type_map = {
+    "string": "str",
+    "number": "float",
+    "integer": "int",
+    "boolean": "bool"
+} %}
+
+{%- if basic_type_map[json_spec.type] is defined %}
+    {{- basic_type_map[json_spec.type] }}
+{%- elif json_spec.type == "array" %}
+    {{- "list[" +  json_to_python_type(json_spec|items) + "]"}}
+{%- elif json_spec.type == "object" %}
+    {%- if json_spec.additionalProperties is defined %}
+        {{- "dict[str, " + json_to_python_type(json_spec.additionalProperties) + ']'}}
+    {%- else %}
+        {{- "dict" }}
+    {%- endif %}
+{%- elif json_spec.type is iterable %}
+    {{- "Union[" }}
+    {%- for t in json_spec.type %}
+      {{- json_to_python_type({"type": t}) }}
+      {%- if not loop.last %}
+        {{- "," }} 
+    {%- endif %}
+    {%- endfor %}
+    {{- "]" }}
+{%- else %}
+    {{- "Any" }}
+{%- endif %}
+{%- endmacro %}
+
+
+{{- bos_token }}
+{{- '<|im_start|>system
+' }}
+{{- "You are a function calling AI model. You are provided with function signatures within <tools></tools> XML tags. You may call one or more functions to assist with the user query. Don't make assumptions about what values to plug into functions. Here are the available tools: <tools> " }}
+{%- for tool in tools %}
+    {%- if tool.function is defined %}
+        {%- set tool = tool.function %}
+    {%- endif %}
+    {{- '{"type": "function", "function": ' }}
+    {{- '{"name": "' + tool.name + '", ' }}
+    {{- '"description": "' + tool.name + '(' }}
+    {%- for param_name, param_fields in tool.parameters.properties|items %}
+        {{- param_name + ": " + json_to_python_type(param_fields) }}
+        {%- if not loop.last %}
+            {{- ", " }}
+        {%- endif %}
+    {%- endfor %}
+    {{- ")" }}
+    {%- if tool.return is defined %}
+        {{- " -> " + json_to_python_type(tool.return) }}
+    {%- endif %}
+    {{- " - " + tool.description + "\\n\\n" }}
+    {%- for param_name, param_fields in tool.parameters.properties|items %}
+        {%- if loop.first %}
+            {{- "    Args:\\n" }}
+        {%- endif %}
+        {{- "        " + param_name + "(" + json_to_python_type(param_fields) + "): " + param_fields.description|trim }}
+    {%- endfor %}
+    {%- if tool.return is defined and tool.return.description is defined %}
+        {{- "\\n    Returns:\\n        " + tool.return.description }}
+    {%- endif %}
+    {{- '"' }}
+    {{- ', "parameters": ' }}
+    {%- if tool.parameters.properties | length == 0 %}
+        {{- "{}" }}
+    {%- else %}
+        {{- tool.parameters|tojson }}
+    {%- endif %}
+    {{- "}" }}
+    {%- if not loop.last %}
+        {{- "\\n" }}
+    {%- endif %}
+{%- endfor %}
+{{- " </tools>" }}
+{{- 'Use the following pydantic model json schema for each tool call you will make: {"properties": {"name": {"title": "Name", "type": "string"}, "arguments": {"title": "Arguments", "type": "object"}}, "required": ["name", "arguments"], "title": "FunctionCall", "type": "object"}
+' }}
+{{- "For each function call return a json object with function name and arguments within <tool_call></tool_call> XML tags as follows:
+" }}
+{{- "<tool_call>
+" }}
+{{- '{"name": <function-name>, "arguments": <args-dict>}
+' }}
+{{- '</tool_call><|im_end|>\\n' }}
+{%- for message in messages %}
+    {%- if message.role == "user" or message.role == "system" or (message.role == "assistant" and message.tool_calls is not defined) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+    {%- for tool_call in message.tool_calls %}
+       {{- '\\n<tool_call>\\n' }}           {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '{' }}
+            {{- '"name": "' }}
+            {{- tool_call.name }}
+            {{- '"' }}
+            {{- ', '}}
+            {%- if tool_call.arguments is defined %}
+                {{- '"arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments|tojson }}
+                {%- endif %}
+            {%- endif %}
+             {{- '}' }}
+            {{- '\\n</tool_call>' }}
+    {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.previtem and loop.previtem.role != "tool" %}
+            {{- '<|im_start|>tool\\n' }}
+        {%- endif %}
+        {{- '<tool_response>\\n' }}
+        {{- message.content }}
+        {%- if not loop.last %}
+            {{- '\\n</tool_response>\\n' }}
+        {%- else %}
+            {{- '\\n</tool_response>' }}
+        {%- endif %}
+        {%- if not loop.last and loop.nextitem.role != "tool" %}
+            {{- '<|im_end|>' }}
+        {%- elif loop.last %}
+            {{- '<|im_end|>' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+# --------------------------------------------------------------------------------------------
+# "smollm3": HuggingFaceTB/SmolLM3-3B, whole: a system turn the template writes itself ("##
+# Metadata" with the knowledge cutoff, today's date from strftime_now and the reasoning mode,
+# "## Custom Instructions" from the system message minus its /think or /no_think flag, tools
+# only from the xml_tools / python_tools keywords, never tools=); assistant turns inside
+# {% generation %} blocks that include the role line and the newline after <|im_end|>, content
+# written as given (a <think> block in it is kept, reasoning_content and tool_calls are not
+# read); in /no_think mode each assistant turn and the generation prompt get an empty think
+# block; tool results become user turns.
+# --------------------------------------------------------------------------------------------
+SMOLLM3_TEMPLATE = """{# ───── defaults ───── #}
+{%- if enable_thinking is not defined -%}
+{%- set enable_thinking = true -%}
+{%- endif -%}
+
+{# ───── reasoning mode ───── #}
+{%- if enable_thinking -%}
+  {%- set reasoning_mode = "/think" -%}
+{%- else -%}
+  {%- set reasoning_mode = "/no_think" -%}
+{%- endif -%}
+
+{# ───── header (system message) ───── #}
+{{- "<|im_start|>system\\n" -}}
+
+{%- if messages[0].role == "system" -%}
+  {%- set system_message = messages[0].content -%}
+  {%- if "/no_think" in system_message -%}
+    {%- set reasoning_mode = "/no_think" -%}
+  {%- elif "/think" in system_message -%}
+    {%- set reasoning_mode = "/think" -%}
+  {%- endif -%}
+  {%- set custom_instructions = system_message.replace("/no_think", "").replace("/think", "").rstrip() -%}
+{%- endif -%}
+
+{%- if "/system_override" in system_message -%}
+  {{- custom_instructions.replace("/system_override", "").rstrip() -}}
+  {{- "<|im_end|>\\n" -}}
+{%- else -%}
+  {{- "## Metadata\\n\\n" -}}
+  {{- "Knowledge Cutoff Date: June 2025\\n" -}}
+  {%- set today = strftime_now("%d %B %Y") -%}
+  {{- "Today Date: " ~ today ~ "\\n" -}}
+  {{- "Reasoning Mode: " + reasoning_mode + "\\n\\n" -}}
+  
+  {{- "## Custom Instructions\\n\\n" -}}
+  {%- if custom_instructions -%}
+    {{- custom_instructions + "\\n\\n" -}}
+  {%- elif reasoning_mode == "/think" -%}
+    {{- "You are a helpful AI assistant named SmolLM, trained by Hugging Face. Your role as an assistant involves thoroughly exploring questions through a systematic thinking process before providing the final precise and accurate solutions. This requires engaging in a comprehensive cycle of analysis, summarizing, exploration, reassessment, reflection, backtracking, and iteration to develop well-considered thinking process. Please structure your response into two main sections: Thought and Solution using the specified format: <think> Thought section </think> Solution section. In the Thought section, detail your reasoning process in steps. Each step should include detailed considerations such as analysing questions, summarizing relevant findings, brainstorming new ideas, verifying the accuracy of the current steps, refining any errors, and revisiting previous steps. In the Solution section, based on various attempts, explorations, and reflections from the Thought section, systematically present the final solution that you deem correct. The Solution section should be logical, accurate, and concise and detail necessary steps needed to reach the conclusion.\\n\\n" -}}
+  {%- else -%}
+    {{- "You are a helpful AI assistant named SmolLM, trained by Hugging Face.\\n\\n" -}}
+  {%- endif -%}
+
+  {%- if xml_tools or python_tools -%}
+    {{- "### Tools\\n\\n" -}}
+    {%- if xml_tools -%}
+      {%- set ns = namespace(xml_tool_string="You may call one or more functions to assist with the user query.\\nYou are provided with function signatures within <tools></tools> XML tags:\\n\\n<tools>\\n") -%}
+      {%- for tool in xml_tools[:] -%} {# The slicing makes sure that xml_tools is a list #}
+        {%- set ns.xml_tool_string = ns.xml_tool_string ~ (tool | string) ~ "\\n" -%}
+      {%- endfor -%}
+      {%- set xml_tool_string = ns.xml_tool_string + "</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call>" -%}
+      {{- xml_tool_string -}}
+    {%- endif -%}
+    {%- if python_tools -%}
+      {%- set ns = namespace(python_tool_string="When you send a message containing Python code between '<code>' and '</code>' tags, it will be executed in a stateful Jupyter notebook environment, and you will then be given the output to continued reasoning in an agentic loop.\\n\\nYou can use the following tools in your python code like regular functions:\\n<tools>\\n") -%}
+      {%- for tool in python_tools[:] -%} {# The slicing makes sure that python_tools is a list #}
+        {%- set ns.python_tool_string = ns.python_tool_string ~ (tool | string) ~ "\\n" -%}
+      {%- endfor -%}
+      {%- set python_tool_string = ns.python_tool_string + "</tools>\\n\\nThe state persists between code executions: so variables that you define in one step are still available thereafter." -%}
+      {{- python_tool_string -}}
+    {%- endif -%}
+    {{- "\\n\\n" -}}
+    {{- "<|im_end|>\\n" -}}
+  {%- endif -%}
+{%- endif -%}
+{# ───── main loop ───── #}
+{%- for message in messages -%}
+    {%- set content = message.content if message.content is string else "" -%}
+    {%- if message.role == "user" -%}
+        {{ "<|im_start|>" + message.role + "\\n"  + content + "<|im_end|>\\n" }}
+    {%- elif message.role == "assistant" -%}
+        {% generation %}
+        {%- if reasoning_mode == "/think" -%}
+            {{ "<|im_start|>assistant\\n" + content.lstrip("\\n") + "<|im_end|>\\n" }}
+        {%- else -%}
+            {{ "<|im_start|>assistant\\n" + "<think>\\n\\n</think>\\n" + content.lstrip("\\n") + "<|im_end|>\\n" }}
+        {%- endif -%}
+        {% endgeneration %}
+    {%- elif message.role == "tool" -%}
+    {{ "<|im_start|>" + "user\\n"  + content + "<|im_end|>\\n" }}
+    {%- endif -%}
+{%- endfor -%}
+{# ───── generation prompt ───── #}
+{%- if add_generation_prompt -%}
+    {%- if reasoning_mode == "/think" -%}
+        {{ "<|im_start|>assistant\\n" }}
+    {%- else -%}
+        {{ "<|im_start|>assistant\\n" + "<think>\\n\\n</think>\\n"  }}
+    {%- endif -%}
+{%- endif -%}
+"""
+
+AGENT_KINDS += ("hermes", "smollm3")
+SPECS["hermes"] = (
+    {"default": HERMES_DEFAULT_TEMPLATE, "tool_use": HERMES_TOOL_USE_TEMPLATE},
+    "<|begin_of_text|>",
+    "<|im_end|>",
+    "<|end_of_text|>",
+    True,
+)
+SPECS["smollm3"] = (SMOLLM3_TEMPLATE, None, "<|im_end|>", "<|im_end|>", False)
+EOT.update({"hermes": "<|im_end|>", "smollm3": "<|im_end|>"})
+# kind -> added tokens that are not special (on top of NON_SPECIAL_ADDED), as those tokenizers
+# ship them
+EXTRA_ADDED = {
+    "hermes": ["<tools>", "</tools>", "<tool_response>", "</tool_response>"],
+    "smollm3": ["<code>", "</code>"],
+}

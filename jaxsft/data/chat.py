@@ -186,15 +186,27 @@ def tool_probe_name() -> str:
     return _PROBE_TOOL["function"]["name"]
 
 
-def _chat_text(tokenizer, norm: dict, where: str, on_drop: str, info: TokInfo):
+def _chat_text(
+    tokenizer,
+    norm: dict,
+    where: str,
+    on_drop: str,
+    info: TokInfo,
+    tkw: dict,
+    located: bool = True,
+):
     """(rendered text, [(char start, char end, weight)] of the supervised turns, [(start, end,
-    kind)] char parts, drops {reason: n}) of a chat example."""
+    kind)] char parts, drops {reason: n}) of a chat example. tkw: extra template keywords.
+    located=False ({% generation %} templates, whose markers give the mask): a turn that
+    cannot be located only goes unchecked for drops and parts."""
     msgs, tools = norm["messages"], norm.get("tools")
-    text = _apply_template(tokenizer, msgs, where, tokenize=False, tools=tools)
+    text = _apply_template(tokenizer, msgs, where, tokenize=False, tools=tools, **tkw)
 
     def rendered(messages: list, **kw) -> str | None:
         try:
-            return _apply_template(tokenizer, messages, where, tokenize=False, tools=tools, **kw)
+            return _apply_template(
+                tokenizer, messages, where, tokenize=False, tools=tools, **tkw, **kw
+            )
         except InvalidExample:
             return None
 
@@ -203,7 +215,18 @@ def _chat_text(tokenizer, norm: dict, where: str, on_drop: str, info: TokInfo):
 
     variant.cut = lambda i: rendered([*msgs[:i], sp.variant_message(msgs[i])])
     kept = set(supervised_turns(norm))
-    turns = [t for t in sp.assistant_turns(text, msgs, info.follow, variant) if t.index in kept]
+    try:
+        found = sp.assistant_turns(text, msgs, info.follow, variant)
+    except InvalidExample:
+        if located:
+            raise
+        found = []
+    turns = [t for t in found if t.index in kept]
+    if norm.get("generation_prompt") and len(turns) == 1 and located:
+        before = msgs[: turns[0].index]
+        prompt = rendered(before, add_generation_prompt=True)
+        if prompt is not None and not text.startswith(prompt):
+            text = _as_generated(text, turns[0], prompt, rendered(before))
     drops: dict[str, int] = {}
     if tools and not renders_tools(tokenizer, info):
         drops["tools"] = 1
@@ -218,6 +241,31 @@ def _chat_text(tokenizer, norm: dict, where: str, on_drop: str, info: TokInfo):
     char_spans = [(t.start, t.end, weights[t.index] * scale) for t in turns if t.end > t.start]
     parts = [p for t in turns for p in sp.char_parts(text, t)]
     return text, char_spans, parts, drops
+
+
+def _as_generated(text: str, turn: sp.Turn, prompt: str, bare: str | None) -> str:
+    """The rendering of a data.turns=expand example whose supervised `turn` is its last, when
+    the turns before it, rendered with add_generation_prompt (`prompt`, what the model is given
+    at inference), are not a prefix of it: `prompt`, then the turn from the end of its role
+    header on (`turn` is moved with it). Mistral v0.3 writes the system prompt only into a
+    user turn that is the last message; Hermes' tool_use template ends a last tool result
+    `</tool_response><|im_end|>`, one a turn follows `</tool_response>\n<|im_end|>`. The role
+    header is what add_generation_prompt adds to `bare` (the same turns without it); `text` is
+    kept when that header is not found right before the turn (R1 distills: the generation
+    prompt opens a think block the training rendering never has)."""
+    if bare is None or not prompt.startswith(bare):
+        return text
+    header = prompt[len(bare) :]
+    lo = sp.common_prefix(text, prompt)
+    pos = text.rfind(header, lo, turn.start)
+    if pos < 0:
+        return text
+    cut = pos + len(header)
+    shift = len(prompt) - cut
+    turn.start, turn.end = turn.start + shift, turn.end + shift
+    if turn.tool:
+        turn.tool = (turn.tool[0] + shift, turn.tool[1] + shift)
+    return prompt + text[cut:]
 
 
 def _token_range(enc, s: int, e: int) -> tuple[int, int] | None:
@@ -310,7 +358,13 @@ def _finish(ids, turns: list[tuple], max_length: int | None, parts=()) -> dict:
     }
 
 
-def _generation_render(tokenizer, norm: dict, info: TokInfo, max_length, where: str) -> dict:
+def _generation_render(
+    tokenizer, norm: dict, info: TokInfo, max_length, where: str, on_drop: str, tkw: dict
+) -> dict:
+    """The mask of a {% generation %} template: exactly its marked spans. The drops and the
+    reasoning / tool-call parts come from locating the turns in the rendered text as for any
+    other template (SmolLM3 marks its turns but reads neither tools= nor tool_calls nor
+    reasoning_content: without this a call would be trained as an empty turn, silently)."""
     out = _apply_template(
         tokenizer,
         norm["messages"],
@@ -319,6 +373,7 @@ def _generation_render(tokenizer, norm: dict, info: TokInfo, max_length, where: 
         return_dict=True,
         return_assistant_tokens_mask=True,
         tools=norm.get("tools"),
+        **tkw,
     )
     ids = np.asarray(out["input_ids"], np.int64)
     m = np.asarray(out["assistant_masks"], np.int32)
@@ -332,12 +387,34 @@ def _generation_render(tokenizer, norm: dict, info: TokInfo, max_length, where: 
         )
     kept = set(supervised_turns(norm))
     weights = norm.get("weights") or [1.0] * len(norm["messages"])
+    scale = norm.get("weight", 1.0)
     turns = [
-        (int(f), int(last), int(ids[last]) in info.eot_ids, weights[i] * norm.get("weight", 1.0))
+        (int(f), int(last), _ends_in_eot(tokenizer, ids, f, last, info), weights[i] * scale)
         for (f, last), i in zip(runs, roles, strict=True)
         if i in kept
     ]
-    return _finish(ids, turns, max_length)
+    text, _, parts, drops = _chat_text(tokenizer, norm, where, on_drop, info, tkw, located=False)
+    (enc,) = _encode(tokenizer, [text])
+    token_parts = _token_parts(enc, parts) if enc.ids == ids.tolist() else []
+    res = _finish(ids, turns, max_length, token_parts)
+    res["drops"] = drops
+    return res
+
+
+def _ends_in_eot(tokenizer, ids, first: int, last: int, info: TokInfo) -> bool:
+    """Whether a marked span ends with an end-of-turn token, whitespace after it allowed
+    (SmolLM3's blocks end `<|im_end|>\n`)."""
+    t = int(last)
+    while t > first and ids[t] not in info.special_ids:
+        if tokenizer.decode([int(ids[t])]).strip():
+            break
+        t -= 1
+    return int(ids[t]) in info.eot_ids
+
+
+def _token_parts(enc, parts) -> list[tuple[int, int, int]]:
+    """Char parts (start, end, kind) -> [(first token, last token, kind code)]."""
+    return [(*rng, _KIND_CODES[kind]) for s, e, kind in parts if (rng := _token_range(enc, s, e))]
 
 
 def render_many(
@@ -348,6 +425,7 @@ def render_many(
     on_error: str = "raise",
     normalized: bool = False,
     on_drop: str = "auto",
+    template_kwargs: dict | None = None,
 ) -> tuple[list[dict | None], list[tuple[int, str]]]:
     """Render many examples, encoding the texts in one batch call of the fast tokenizer.
 
@@ -356,7 +434,10 @@ def render_many(
     wheres[i] (or "example i"). normalized=True: the examples come from `normalize` already.
     on_drop (data.on_drop): what a template that silently leaves something out makes of the
     example (formats.drop_policy); rendered[i]["drops"] counts what was left out.
+    template_kwargs: extra variables for every apply_chat_template call (Llama 3.1's
+    builtin_tools, a template's enable_thinking).
     """
+    tkw = _template_kwargs(template_kwargs)
     info, mode = tok_info(tokenizer), template_mode(tokenizer)
     texts, plans, errors, hints = [], [], [], {}
     results: list[dict | None] = [None] * len(examples)
@@ -369,9 +450,11 @@ def render_many(
                 if mode == "none":  # the tokenizer's fault, not the row's: never skipped
                     raise _no_template(tokenizer, where)
                 if mode == "generation":
-                    results[i] = _generation_render(tokenizer, norm, info, max_length, where)
+                    results[i] = _generation_render(
+                        tokenizer, norm, info, max_length, where, on_drop, tkw
+                    )
                     continue
-                text, spans, parts, drops = _chat_text(tokenizer, norm, where, on_drop, info)
+                text, spans, parts, drops = _chat_text(tokenizer, norm, where, on_drop, info, tkw)
             elif norm["format"] == "prompt_completion":
                 text = norm["prompt"] + norm["completion"]
                 spans = [(len(norm["prompt"]), len(text), w)]
@@ -396,6 +479,32 @@ def render_many(
         where = wheres[i] if wheres else f"example {i}"
         raise UserError(reason, where=where, hint=hints[i] or _HINT)
     return results, errors
+
+
+# apply_chat_template arguments that rendering sets itself
+_RESERVED_KWARGS = (
+    "conversation",
+    "tools",
+    "documents",
+    "chat_template",
+    "add_generation_prompt",
+    "continue_final_message",
+    "tokenize",
+    "return_dict",
+    "return_assistant_tokens_mask",
+)
+
+
+def _template_kwargs(kwargs: dict | None) -> dict:
+    kwargs = dict(kwargs or {})
+    taken = sorted(k for k in kwargs if k in _RESERVED_KWARGS)
+    if taken:
+        raise UserError(
+            f"template keyword(s) {', '.join(taken)} are set by the renderer itself",
+            where="template_kwargs",
+            hint="pass only the template's own variables (builtin_tools, enable_thinking, ...)",
+        )
+    return kwargs
 
 
 def _encode(tokenizer, texts: list[str]) -> list:
@@ -424,11 +533,7 @@ def _encode(tokenizer, texts: list[str]) -> list:
 def _encode_one(enc, fmt: str, spans, parts, info: TokInfo, max_length) -> dict:
     ids = enc.ids
     if fmt == "chat":
-        token_parts = [
-            (*rng, _KIND_CODES[kind])
-            for s, e, kind in parts
-            if (rng := _token_range(enc, s, e)) is not None
-        ]
+        token_parts = _token_parts(enc, parts)
         return _finish(ids, _token_spans(enc, spans, info, True), max_length, token_parts)
     ((first, _, _, w),) = _token_spans(enc, spans, info, False)
     first = first if first >= 0 else len(ids)
@@ -440,7 +545,13 @@ def _encode_one(enc, fmt: str, spans, parts, info: TokInfo, max_length) -> dict:
     return _finish(ids, turns, max_length)
 
 
-def render(tokenizer, example: Any, max_length: int | None = None, on_drop: str = "auto") -> dict:
+def render(
+    tokenizer,
+    example: Any,
+    max_length: int | None = None,
+    on_drop: str = "auto",
+    template_kwargs: dict | None = None,
+) -> dict:
     """Render one example: {"input_ids", "loss_mask", "kinds", "truncated", "drops", ...}.
 
     `loss_mask[t]` > 0 means `input_ids[t]` is a supervised target (predicted from t-1), with
@@ -448,6 +559,8 @@ def render(tokenizer, example: Any, max_length: int | None = None, on_drop: str 
     KIND_ANSWER / KIND_TOOL / KIND_REASONING for supervised tokens, 0 otherwise. Longer than
     max_length: truncated keeping the start. Raises `UserError` for an invalid example.
     """
-    (out,), _ = render_many(tokenizer, [example], max_length, on_drop=on_drop)
+    (out,), _ = render_many(
+        tokenizer, [example], max_length, on_drop=on_drop, template_kwargs=template_kwargs
+    )
     lists = ("input_ids", "loss_mask", "kinds")
     return {**out, **{k: out[k].tolist() for k in lists}}

@@ -3,7 +3,8 @@
 The report says what was read and dropped (with file:line), token lengths, truncation,
 supervised share, packing efficiency, and content problems: exact and near duplicates,
 train/eval overlap, empty or placeholder contents, unbalanced code fences, refusal-like
-assistant replies and control-token strings inside contents. Everything is O(n).
+assistant replies and control-token strings inside contents; its agentic section (tool calls,
+reasoning, template drops, data.turns) is agentic_report.py's. Everything is O(n).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from collections import Counter, defaultdict
 import numpy as np
 
 from jaxsft import run_dir as rd
-from jaxsft.data.formats import drop_policy, tool_name
+from jaxsft.data.agentic_report import AgenticStats, agentic_report, agentic_warnings
+from jaxsft.data.listing import MAX_LISTED
+from jaxsft.data.listing import listed as _listed
 from jaxsft.errors import UserError
 
-MAX_LISTED = 20  # example locations listed per finding
 PLACEHOLDER = re.compile(
     r"\bTODO\b|\bTBD\b|\bFIXME\b|\bXXX\b|(?i:lorem ipsum)|\{\{[^{}\n]{0,80}\}\}"
     r"|(?i:\[(?:insert|placeholder|your)[^\]\n]{0,60}\])|(?i:<placeholder>)"
@@ -54,29 +56,14 @@ class SplitStats:
     rows: list = dataclasses.field(default_factory=list)  # readers.Row of rendered rows
     on_drop: str = "auto"  # data.on_drop
     turn_mode: str = "all"  # data.turns
-    tokens_unexpanded: int = 0  # tokens of each row's last example (its full conversation)
-    tool_examples: int = 0
-    tool_calls: int = 0
-    bad_arguments: list = dataclasses.field(default_factory=list)  # "where: name"
-    unknown_functions: list = dataclasses.field(default_factory=list)  # "where: name"
-    reasoning_tokens: int = 0
-    tool_tokens: int = 0
-    drops: dict = dataclasses.field(default_factory=dict)  # reason -> [where]
+    agentic: AgenticStats = dataclasses.field(default_factory=AgenticStats)
 
     def add(self, row, out: dict, first: bool = True, last: bool = True) -> None:
         """One rendered example of `row` (data.turns=expand: first/last of the row's)."""
         n_sup = int(np.count_nonzero(out["loss_mask"]))
         if first:
             self.rows.append(row)
-            self._add_tool_calls(row)
-        if last:
-            self.tokens_unexpanded += out["length"]
-        kinds = out.get("kinds")
-        if kinds is not None:
-            self.reasoning_tokens += int(np.count_nonzero(kinds == 3))
-            self.tool_tokens += int(np.count_nonzero(kinds == 2))
-        for reason in out.get("drops", {}):
-            self.drops.setdefault(reason, []).append(row.where)
+        self.agentic.add(row, out, first, last)
         self.lengths.append(out["length"])
         self.kept_tokens.append(len(out["input_ids"]))
         self.supervised.append(n_sup)
@@ -93,25 +80,6 @@ class SplitStats:
         if out.get("turns_empty"):
             self.empty_turns.append(row.where)
 
-    def _add_tool_calls(self, row) -> None:
-        n, bad, unknown = tool_findings(row.example)
-        self.tool_examples += n > 0
-        self.tool_calls += n
-        self.bad_arguments += [f"{row.where}: {name}" for name in bad]
-        self.unknown_functions += [f"{row.where}: {name}" for name in unknown]
-
-
-def tool_findings(example: dict) -> tuple[int, list[str], list[str]]:
-    """(tool calls, names of the calls whose arguments are not a JSON object, names called but
-    missing from the example's tools) of a canonical example."""
-    if example["format"] != "chat":
-        return 0, [], []
-    calls = [c for m in example["messages"] for c in m.get("tool_calls", ())]
-    defined = {tool_name(t) for t in example.get("tools") or ()}
-    bad = [tool_name(c) for c in calls if not isinstance(c["function"]["arguments"], dict)]
-    unknown = [tool_name(c) for c in calls if defined and tool_name(c) not in defined]
-    return len(calls), bad, unknown
-
 
 def _pct(values) -> dict:
     if not len(values):
@@ -125,11 +93,6 @@ def _pct(values) -> dict:
         "max": int(a.max()),
         "mean": round(float(a.mean()), 1),
     }
-
-
-def _listed(wheres) -> dict:
-    wheres = list(wheres)
-    return {"count": len(wheres), "examples": wheres[:MAX_LISTED]}
 
 
 def split_report(s: SplitStats) -> dict:
@@ -172,34 +135,6 @@ def split_report(s: SplitStats) -> dict:
         },
         "content": content_report(s.rows),
         "agentic": agentic_report(s, n_sup),
-    }
-
-
-def agentic_report(s: SplitStats, n_sup: int) -> dict:
-    """Tool calls, reasoning, what the template dropped (per reason) and data.turns."""
-    return {
-        "tool_calls": {
-            "examples": s.tool_examples,
-            "calls": s.tool_calls,
-            "tokens": s.tool_tokens,
-            "bad_json_arguments": _listed(s.bad_arguments),
-            "unknown_functions": _listed(s.unknown_functions),
-        },
-        "reasoning_tokens": {
-            "count": s.reasoning_tokens,
-            "share_of_supervised": round(s.reasoning_tokens / max(n_sup, 1), 4),
-        },
-        "template_drops": {
-            reason: {**_listed(wheres), "policy": drop_policy(s.on_drop, reason)}
-            for reason, wheres in sorted(s.drops.items())
-        },
-        "turns": {
-            "mode": s.turn_mode,
-            "conversations": len(s.rows),
-            "examples": len(s.lengths),
-            "tokens": int(sum(s.lengths)),
-            "tokens_one_example_per_conversation": s.tokens_unexpanded,
-        },
     }
 
 
@@ -434,34 +369,6 @@ def leakage(train_rows: list, eval_rows: list) -> dict:
     same = [r.where for r in eval_rows if _h(canonical(r.example)) in full]
     same_prompt = [r.where for r in eval_rows if (p := prompt_of(r.example)) and _h(p) in prompts]
     return {"eval_examples_in_train": _listed(same), "eval_prompts_in_train": _listed(same_prompt)}
-
-
-def agentic_warnings(a: dict) -> list[str]:
-    """Tool calls that will not parse or call an undefined function, and template drops under
-    data.on_drop=warn, each with its first examples' file:line."""
-    out = []
-    for key, what in (
-        ("bad_json_arguments", "tool calls whose arguments are not a JSON object"),
-        ("unknown_functions", "tool calls of a function missing from the example's tools"),
-    ):
-        found = a["tool_calls"][key]
-        if found["count"]:
-            out.append(f"{found['count']} {what} ({', '.join(found['examples'][:3])})")
-    for reason, d in a["template_drops"].items():
-        if d["policy"] == "warn":
-            out.append(
-                f"{d['count']} examples where the chat template drops {_DROPPED[reason]} "
-                f"(first: {d['examples'][0]}; data.on_drop=allow silences this)"
-            )
-    return out
-
-
-_DROPPED = {
-    "tools": "the tool definitions",
-    "tool_call": "tool calls",
-    "content": "the content of tool-calling turns",
-    "reasoning": "the reasoning of supervised turns",
-}
 
 
 def warnings_of(report: dict) -> list[str]:

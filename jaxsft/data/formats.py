@@ -136,7 +136,9 @@ def turn_examples(norm: dict, mode: str) -> list[dict]:
     "all": the row itself; "last": only its final supervised assistant turn is supervised;
     "expand": one example per supervised assistant turn k, the conversation up to and including
     turn k with only turn k supervised (the template renders k as the last turn, as the model
-    sees it when it generates k).
+    sees it when it generates k); `generation_prompt` marks it for the renderer, which puts the
+    turns before k as the generation prompt renders them where a template writes them
+    differently when a turn follows (chat._as_generated).
     """
     if norm["format"] != "chat" or mode == "all":
         return [norm]
@@ -149,6 +151,7 @@ def turn_examples(norm: dict, mode: str) -> list[dict]:
             "messages": norm["messages"][: k + 1],
             "weights": norm["weights"][: k + 1],
             "supervise_from": k,
+            "generation_prompt": True,
         }
         for k in turns
     ]
