@@ -487,6 +487,15 @@ MULTI_RUNS = {
         "</function>\n</tool_call><|im_end|>",
         *MULTI_TAIL,
     ],
+    # Mistral v0.3 writes the tools into the last user turn ("Thanks!"), not the calling
+    # turn's: its calling turn is found through the cut conversation compared with itself
+    "mistral": [
+        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "paris"}, '
+        '"id": "abc123xyz"}, {"name": "get_weather", "arguments": {"city": "rome"}, '
+        '"id": "def456uvw"}]</s>',
+        "Sunny in paris, rainy in rome.</s>",
+        "You are welcome.</s>",
+    ],
 }
 
 
@@ -647,7 +656,7 @@ EXPAND_CASES = {
     "qwen25": (MULTI_ROW, {}),
     "qwen3_tools": (MULTI_ROW, {}),
     "qwen3_coder": (MULTI_ROW, {}),
-    "mistral": (TOOL_ROW, {}),
+    "mistral": (MULTI_ROW, {}),
     "llama31": (BUILTIN_ROW, BUILTIN),
     "smollm3": (SMOL_ROW, SMOL_TOOLS),
     "phi4mini": (PLAIN_ROW, {}),

@@ -214,6 +214,7 @@ def _chat_text(
         return rendered([*msgs[:i], sp.variant_message(msgs[i]), *msgs[i + 1 :]])
 
     variant.cut = lambda i: rendered([*msgs[:i], sp.variant_message(msgs[i])])
+    variant.kept = lambda i: rendered(msgs[: i + 1])
     kept = set(supervised_turns(norm))
     try:
         found = sp.assistant_turns(text, msgs, info.follow, variant)

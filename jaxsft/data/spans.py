@@ -143,7 +143,7 @@ def _tool_turn(text: str, variant: Callable, m: dict, i: int, cursor: int) -> Tu
         start = common_prefix(text, v)
         end = len(text) - common_suffix(text, v, min(len(text), len(v)) - start)
     else:  # refused (Mistral v3: without the calls, the roles no longer alternate)
-        start, end = _prompt_end(text, variant, i), None
+        start, end = _in_cut(text, variant, i, cursor)
     if start is None or start < cursor:
         return None
     turn = Turn(i, start, start if end is None else max(end, start))
@@ -169,11 +169,23 @@ def _tool_turn(text: str, variant: Callable, m: dict, i: int, cursor: int) -> Tu
     return _with_reasoning(text, turn, reasoning, cursor)
 
 
-def _prompt_end(text: str, variant: Callable, i: int) -> int | None:
-    """Where turn i starts, from the conversation cut after turn i, that turn replaced by a
-    marker (None when the template refuses that too)."""
-    cut = variant.cut(i)
-    return None if cut is None else common_prefix(text, cut)
+def _in_cut(text: str, variant: Callable, i: int, cursor: int) -> tuple[int | None, int | None]:
+    """(start, end) of turn i in `text`, from the conversation cut after turn i: rendered as
+    it is (variant.kept) and with the turn replaced by a marker (variant.cut), the two differ
+    exactly in what the template writes for the turn, which is then searched in `text` at or
+    after cursor. Templates that write the tools or the system prompt into the last user
+    turn (Mistral v3) place them elsewhere in a cut conversation, so the cut is only compared
+    with itself. When that fails: (where the marked cut departs from `text`, None)."""
+    kept, cut = variant.kept(i), variant.cut(i)
+    if cut is None:
+        return None, None
+    if kept is not None:
+        lo = common_prefix(kept, cut)
+        seg = kept[lo : len(kept) - common_suffix(kept, cut, min(len(kept), len(cut)) - lo)]
+        pos = text.find(seg, cursor) if seg.strip() else -1
+        if pos >= 0:
+            return pos, pos + len(seg)
+    return common_prefix(text, cut), None
 
 
 def common_prefix(a: str, b: str) -> int:
