@@ -88,6 +88,10 @@ def get_config() -> ml_collections.ConfigDict:
     # router_aux_loss with the expert load (expert_load_max / expert_load_min: the busiest and
     # idlest expert's tokens over the mean).
     c.train.router_aux_loss_coef = -1.0
+    # With train.grad_accum > 1: the balance loss's gradient uses the load fractions of the
+    # whole global batch, as one big batch would (a routing-only forward pass over the
+    # micro-batches first, about a third of a step more); False: each micro-batch's own.
+    c.train.router_aux_global_batch = True
     # Intervals in optimizer steps; 0 disables eval/saving except at the end of the run.
     c.train.log_every = 10
     c.train.eval_every = 0
@@ -117,16 +121,27 @@ def get_config() -> ml_collections.ConfigDict:
     # Rank 0 means full fine-tuning.
     c.lora.rank = 0
     c.lora.alpha = 16.0
-    # Modules that get adapters (names of the HF linear layers).
+    # Modules that get adapters (names of the HF linear layers). Fused names stand for their
+    # parts (Phi's qkv_proj, gate_up_proj). MoE models: gate_proj/up_proj/down_proj adapt the
+    # routed experts, one adapter per expert (Mixtral's w1/w3/w2 are the same three), and in
+    # Qwen2-MoE the shared expert's projections too, as PEFT matched the checkpoint's module
+    # names; the router never gets an adapter (see train_router).
     c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     # rsLoRA scales by alpha / sqrt(rank) instead of alpha / rank.
     c.lora.rslora = False
+    # MoE models: the routers (mlp.gate, [D, E] per layer) train with full weights in a LoRA
+    # run (optimizer state, checkpoints, merged export; PEFT export as modules_to_save). No
+    # effect on dense models or full fine-tuning (which trains the routers anyway).
+    c.lora.train_router = False
 
     c.mesh = group()
     # Mesh shape over all devices of all hosts; -1 takes the remaining devices.
     c.mesh.data = 1
     c.mesh.fsdp = -1
     c.mesh.tensor = 1
+    # MoE models: experts split over this many devices, tokens sent to their experts' devices
+    # (all_to_all); outside the MoE layers it is one more batch axis. Must divide num_experts.
+    c.mesh.expert = 1
 
     c.eval = group()
     # Each eval is one file ("" for none), read and validated at start, scored before training

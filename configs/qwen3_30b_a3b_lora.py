@@ -7,9 +7,15 @@ Memory, from `jaxsft.model_shapes` (30,532,122,624 parameters): the frozen base 
 61.1 GB, so FSDP over 8 devices holds 7.6 GB of it per device (the experts are FSDP-sharded on
 their hidden axis like every other matrix); the attention adapters at rank 16 are 13.4 M
 parameters (~160 MB with float32 Adam moments), plus activations at the micro-batch below. The
-routed experts and the router stay frozen (LoRA on the experts is not implemented yet); the
-load-balancing loss uses the checkpoint's router_aux_loss_coef (0.001) unless
-train.router_aux_loss_coef says otherwise.
+routed experts and the router stay frozen here; adding gate_proj/up_proj/down_proj to
+lora.targets gives each of the 48 x 128 experts its own rank-16 adapters, 830.5 M parameters
+(10.0 GB with float32 Adam moments, 1.25 GB per device over fsdp 8), and lora.train_router
+trains the routers (12.6 M). The load-balancing loss uses the checkpoint's
+router_aux_loss_coef (0.001) unless train.router_aux_loss_coef says otherwise.
+
+On more devices, `--config.mesh.expert=8` splits the 128 experts 16 per device over 8 of them
+(tokens travel to their experts by all_to_all; see docs/models.md "Parallelism"), with fsdp
+taking the rest.
 """
 
 from jaxsft.configs import base

@@ -289,6 +289,7 @@ def lora_config(cfg):
         alpha=float(lora["alpha"]),
         targets=tuple(lora["targets"]),
         rslora=bool(lora.get("rslora", False)),
+        train_router=bool(lora.get("train_router", False)),
     )
 
 

@@ -289,10 +289,10 @@ def _init_adapter(rng: np.random.Generator, path, var, mesh):
     """lora_a ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform(a=sqrt(5))), lora_b = 0.
     Drawn on the host from a seeded generator, so every host builds the same values."""
     shape, dtype = var.get_value().shape, var.get_value().dtype
-    if path[-1] == "lora_b":
+    if str(path[-1]).endswith("lora_b"):  # lora_b, or an expert's NAME_lora_b
         full = np.zeros(shape, dtype)
     else:
-        bound = 1.0 / np.sqrt(shape[-2])  # fan-in of lora_a [L, in, r]
+        bound = 1.0 / np.sqrt(shape[-2])  # fan-in of lora_a [L, in, r] or [L, E, in, r]
         full = rng.uniform(-bound, bound, shape).astype(dtype)
     return jax.make_array_from_callback(shape, _sharding(var, mesh), lambda idx: full[idx])
 

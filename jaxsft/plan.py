@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import subprocess
@@ -95,25 +94,24 @@ def parse_args(argv):
 
 
 def mesh_shape(mesh_cfg, n: int) -> dict:
-    """{"data", "fsdp", "tensor"} of the config's mesh on n devices (sharding.make_mesh's
-    arithmetic, checked before any device is touched)."""
-    shape = [int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor)]
-    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise UserError(
-            f"mesh data x fsdp x tensor = {shape}: each must be >= 1, and at most one -1",
-            where="mesh",
+    """{"data", "expert", "fsdp", "tensor"} of the config's mesh on n devices
+    (sharding.make_mesh's arithmetic, checked before any device is touched)."""
+    from jaxsft import sharding
+
+    try:
+        return sharding.mesh_shape(
+            int(mesh_cfg.data),
+            int(mesh_cfg.fsdp),
+            int(mesh_cfg.tensor),
+            n,
+            int(mesh_cfg.get("expert", 1)),
         )
-    known = math.prod(s for s in shape if s != -1)
-    if -1 in shape and n % known == 0:
-        shape[shape.index(-1)] = n // known
-    if math.prod(shape) != n:
+    except UserError as e:
         raise UserError(
-            f"mesh data x fsdp x tensor = {[int(mesh_cfg[k]) for k in ('data', 'fsdp', 'tensor')]}"
-            f" does not match {n} devices",
+            f"{e.message}",
             where="mesh",
             hint="pass a matching --devices, or override --config.mesh.* (one of them may be -1)",
-        )
-    return dict(zip(("data", "fsdp", "tensor"), shape, strict=True))
+        ) from None
 
 
 def in_child(n: int, argv) -> int | None:
@@ -165,9 +163,11 @@ def plan_config(config, mesh, limit: int | None, compile: bool = True) -> dict:
     import jax
 
     from jaxsft import plan_memory
-    from jaxsft.train.start import check_batch_geometry
+    from jaxsft.models.config import ModelConfig
+    from jaxsft.train.start import check_batch_geometry, check_expert_axis
 
     check_batch_geometry(config, mesh)
+    check_expert_axis(ModelConfig.from_hf(config.model.path), mesh)
     p = plan_memory.plan(config, mesh, compile=compile)
     fixed = p.params + p.optimizer + p.gradients
     if limit is None:
@@ -206,15 +206,16 @@ def fit(args, overrides, config, mesh, limit: int) -> dict:
     grad_accum, "full" is compiled first: when even it does not fit, "none" and "dots" (which
     keep more) are skipped; otherwise the cheapest remat that fits is taken."""
     from jaxsft import config as config_lib
+    from jaxsft.sharding import batch_devices
 
-    shards = int(mesh.shape["data"] * mesh.shape["fsdp"])
+    shards = batch_devices(mesh.shape)
     by_accum: dict[str, list[list[str]]] = {}
     for ov in candidate_overrides(config, shards):
         by_accum.setdefault(ov[0], []).append(ov)
     if not by_accum:
         raise UserError(
             f"train.batch_size={config.train.batch_size} rows do not split over the {shards} "
-            "devices of mesh.data x mesh.fsdp for any train.grad_accum",
+            "devices of mesh.data x mesh.expert x mesh.fsdp for any train.grad_accum",
             where="train.batch_size",
             hint=f"use a multiple of {shards}, or another mesh",
         )

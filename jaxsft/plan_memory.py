@@ -101,6 +101,8 @@ def abstract_setup(config, mesh) -> setup_lib.TrainSetup:
         ref = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=x.sharding), params
         )
+    elif config.train.kl_to_base and lora.train_router:  # zero adapters, the routers' copy
+        ref = params
     tx, schedule = make_optimizer(config.train, 1)
     replicated = NamedSharding(mesh, PartitionSpec())
     key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))

@@ -1,4 +1,5 @@
-"""The device mesh ('data', 'fsdp', 'tensor') and the logical-axis rules that map onto it.
+"""The device mesh ('data', 'expert', 'fsdp', 'tensor') and the logical-axis rules that map onto
+it.
 
 Model code names logical axes only (vocab, embed, q_heads, ...); this table decides which mesh
 axis each one is split over. FSDP, tensor and data parallelism are mesh shapes, not code paths.
@@ -15,8 +16,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxsft.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH = ("data", "fsdp")  # rows of a batch are split over both
+MESH_AXES = ("data", "expert", "fsdp", "tensor")
+# Rows of a batch are split over data, expert and fsdp: outside the MoE layers the expert axis
+# is one more data-parallel axis; in them, tokens travel to their experts' devices (models/moe).
+BATCH = ("data", "expert", "fsdp")
 
 # logical axis -> mesh axis (or None: replicated)
 RULES = {
@@ -30,32 +33,55 @@ RULES = {
     "norm": None,
     "head_dim": None,
     "lora_rank": None,
-    "expert": None,  # experts replicated (an expert mesh axis: the MoE issue)
+    "expert": "expert",  # MoE experts: split over mesh.expert (and FSDP over embed)
 }
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
-    """A mesh over all devices (of all hosts); one entry may be -1 for 'the rest'."""
-    devices = list(devices if devices is not None else jax.devices())
-    shape = [data, fsdp, tensor]
-    if shape.count(-1) > 1:
-        raise UserError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+def mesh_shape(data: int = 1, fsdp: int = -1, tensor: int = 1, n: int = 1, expert: int = 1):
+    """{axis: size} of MESH_AXES for n devices; one entry may be -1 for 'the rest'."""
+    shape = [data, expert, fsdp, tensor]
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise UserError(
+            f"mesh data x expert x fsdp x tensor = {shape}: each must be >= 1, and at most "
+            "one may be -1",
+            where="mesh",
+        )
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
-        if len(devices) % known:
-            raise UserError(f"mesh {shape} does not divide {len(devices)} devices")
-        shape[shape.index(-1)] = len(devices) // known
-    if math.prod(shape) != len(devices):
+        if n % known:
+            raise UserError(
+                f"mesh data x expert x fsdp x tensor = {shape} does not match {n} devices "
+                f"({known} does not divide {n})",
+                where="mesh",
+                hint="set the other mesh.* so that their product divides the device count",
+            )
+        shape[shape.index(-1)] = n // known
+    if math.prod(shape) != n:
         raise UserError(
-            f"mesh data x fsdp x tensor = {shape} needs {math.prod(shape)} devices, "
-            f"found {len(devices)}",
+            f"mesh data x expert x fsdp x tensor = {shape} needs {math.prod(shape)} devices: "
+            f"it does not match {n} devices",
+            where="mesh",
             hint="set one of mesh.* to -1",
         )
+    return dict(zip(MESH_AXES, shape, strict=True))
+
+
+def batch_devices(shape) -> int:
+    """Devices a batch's rows are split over (mesh.data x mesh.expert x mesh.fsdp)."""
+    return math.prod(int(shape[a]) for a in BATCH)
+
+
+def make_mesh(
+    data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None, expert: int = 1
+) -> Mesh:
+    """A mesh over all devices (of all hosts); one entry may be -1 for 'the rest'."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = list(mesh_shape(data, fsdp, tensor, len(devices), expert).values())
     try:  # topology-aware device order on TPU/GPU pods
         mesh_devices = mesh_utils.create_device_mesh(shape, devices)
     except Exception:  # noqa: BLE001 - CPU and odd shapes: plain order is fine
         mesh_devices = np.asarray(devices).reshape(shape)
-    return Mesh(mesh_devices, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    return Mesh(mesh_devices, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_spec(names, shape=None, mesh: Mesh | None = None) -> PartitionSpec:

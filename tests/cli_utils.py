@@ -3,6 +3,7 @@ repository root, offline, with tracebacks off (JAXSFT_DEBUG=0)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -49,3 +50,32 @@ def run_module(module: str, *args: str, timeout: int = 120) -> subprocess.Comple
         env=env,
         timeout=timeout,
     )
+
+
+def fake_devices_env(devices: int) -> dict[str, str]:
+    """os.environ for a subprocess that sees `devices` fake CPU devices (XLA_FLAGS must be set
+    before jax is imported, hence a subprocess)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    ).strip()
+    return env
+
+
+def result_of(stdout: str) -> dict:
+    """The JSON a check script printed on its last line starting with 'RESULT '."""
+    line = [x for x in stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :])
+
+
+def run_script(script: str, *args: str, devices: int = 8, timeout: int = 600) -> dict:
+    """Run `python -c script args...` on `devices` fake CPU devices; its RESULT JSON."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        env=fake_devices_env(devices),
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return result_of(proc.stdout)

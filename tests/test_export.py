@@ -89,8 +89,9 @@ CASES = {
     # MoE, full fine-tuning: the stacked [L, E, ...] experts written back per expert
     # (block_sparse_moe.experts.{j}.w1/w2/w3)
     "mixtral": Case("chatml", None),
-    # MoE with LoRA on attention and on the shared expert (the routed experts and the router
-    # stay frozen): PEFT's gate_proj/up_proj/down_proj are the shared expert's
+    # MoE with LoRA on attention, on the shared expert's gate_proj/down_proj (PEFT
+    # target_modules) and on every routed expert's (PEFT target_parameters on the fused
+    # experts: tests/test_moe_lora.py); the router stays frozen
     "qwen2_moe": Case(
         "chatml",
         LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "gate_proj", "down_proj")),
@@ -271,8 +272,9 @@ def test_peft_adapter_reloads_in_peft(exported, parity_record):
     assert sorted(config["target_modules"]) == sorted(modules)
     keys = safetensors_keys(exported.adapter)
     assert keys and not [k for k in keys if ".default." in k or not k.startswith("base_model.")]
-    n_linears = exported.cfg.num_layers * len(modules)
-    assert len(keys) == 2 * n_linears
+    # two per adapted module (or MoE expert parameter) and layer
+    n_adapted = len(modules) + len(config.get("target_parameters") or ())
+    assert len(keys) == 2 * exported.cfg.num_layers * n_adapted
 
     base = hf_causal_lm(exported.source)
     peft_model, msgs = load_quietly(lambda: PeftModel.from_pretrained(base, exported.adapter))

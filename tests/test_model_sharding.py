@@ -9,11 +9,9 @@ check runs in a subprocess: it loads each checkpoint once without a mesh and onc
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from cli_utils import run_script
 
 # GQA + untied, bias + tied, head_dim + q/k norm, bf16 shards read slice by slice
 FAMILIES = ("llama", "qwen2", "qwen3", "llama_sharded_bf16")
@@ -73,22 +71,8 @@ print("RESULT " + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def sharded_results(hf_checkpoints):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
     paths = {f: str(hf_checkpoints[f]) for f in FAMILIES}
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(paths), json.dumps(MESHES)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT ") :])
+    return run_script(SCRIPT, json.dumps(paths), json.dumps(MESHES), timeout=600)
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))

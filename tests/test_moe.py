@@ -38,7 +38,11 @@ def _params(seed: int, dtype=np.float32):
 def _forward(p, ffn, renormalize=True, **kw):
     x = jnp.asarray(p["x"])
     routing = moe.route(x.astype(jnp.float32) @ p["router"], K, renormalize)
-    return ffn(x, routing, p["gate"], p["up"], p["down"], ACTIVATIONS["silu"], **kw), routing
+    return ffn(x, routing, _w(p), ACTIVATIONS["silu"], **kw), routing
+
+
+def _w(p):
+    return dict(zip(moe.PROJS, (p["gate"], p["up"], p["down"]), strict=True))
 
 
 def test_routing_leaves_an_expert_empty():
@@ -90,7 +94,7 @@ def test_gradients_match_dense_reference(dtype, tol):
     def loss(ffn, params):
         x = params["x"]
         routing = moe.route(x.astype(jnp.float32) @ params["router"], K, True)
-        out = ffn(x, routing, params["gate"], params["up"], params["down"], jax.nn.silu)
+        out = ffn(x, routing, _w(params), jax.nn.silu)
         return jnp.sum(out.astype(jnp.float32) * cot)
 
     got = jax.grad(lambda q: loss(moe.grouped_ffn, q))(p)

@@ -16,7 +16,7 @@ from flax import nnx
 from hf_fixtures import VOCAB, hf_model
 
 import jaxsft
-from jaxsft.train.step import make_loss_fn, make_train_step, summarize
+from jaxsft.train.step import make_loss_fn, make_router_load_fn, make_train_step, summarize
 
 B, T = 4, 16
 
@@ -33,11 +33,12 @@ def _batch():
     return {"input_ids": ids, "segment_ids": seg, "positions": pos, "loss_mask": mask}
 
 
-def _step(model, router_aux: float, grad_accum: int):
+def _step(model, router_aux: float, grad_accum: int, global_load: bool = True):
     graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
     loss_fn = make_loss_fn(graphdef, chunk=T, router_aux=router_aux)
     tx = optax.sgd(1e-1)
-    step = jax.jit(make_train_step(loss_fn, tx, lambda s: 1e-1, grad_accum=grad_accum))
+    load = make_router_load_fn(graphdef) if global_load else None
+    step = jax.jit(make_train_step(loss_fn, tx, lambda s: 1e-1, grad_accum, load))
     state = {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
@@ -87,6 +88,25 @@ def test_grad_accum_keeps_the_global_batch(moe_model):
         np.testing.assert_allclose(float(m1[key]), float(m2[key]), rtol=1e-6)
     diffs = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), one["params"], two["params"])
     assert max(jax.tree.leaves(diffs)) < 1e-6
+
+
+def _max_diff(a, b):
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.abs(x - y).max()), a, b)))
+
+
+@pytest.mark.slow
+def test_grad_accum_with_the_aux_loss_equals_one_big_batch(moe_model):
+    """With the aux term on, grad_accum 2 gives the parameters of grad_accum 1 (each
+    micro-batch's balance-loss gradient uses the global batch's load fractions, from a
+    routing pass first: make_router_load_fn); with each micro-batch's own fractions
+    (train.router_aux_global_batch=False) they differ."""
+    _, (model, _) = moe_model
+    one, m1 = _step(model, 0.5, 1)
+    two, m2 = _step(model, 0.5, 2)
+    own, _ = _step(model, 0.5, 2, global_load=False)
+    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
+    exact, approx = _max_diff(one["params"], two["params"]), _max_diff(one["params"], own["params"])
+    assert exact < 1e-6 and approx > 30 * max(exact, 1e-8), (exact, approx)
 
 
 def test_aux_term_weighs_like_the_main_loss(moe_model):

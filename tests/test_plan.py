@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_utils import REPO, run_module
+from cli_utils import REPO, fake_devices_env, result_of, run_module
 
 # A tiny Llama as transformers' LlamaConfig(...).to_dict() writes it (5.x style).
 TINY_LLAMA = {
@@ -167,10 +167,7 @@ def background(tmp_path_factory, model_dir, run_py):
     the in-process compiles: the real state next to the planner's formulas (8 fake devices
     from XLA_FLAGS), and the CLI with --devices 8 from a 1-device process (it re-executes)."""
     weights = tmp_path_factory.mktemp("tiny_llama_weights")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAXSFT_DEBUG="1")
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
+    env = dict(fake_devices_env(8), JAXSFT_DEBUG="1")
     args = [str(model_dir), str(weights), str(run_py), json.dumps(CASES)]
     exact = _popen([sys.executable, "-c", EXACT_SCRIPT, *args], env)
     cli_env = {**os.environ, "JAXSFT_DEBUG": "0"}
@@ -189,8 +186,7 @@ def background(tmp_path_factory, model_dir, run_py):
 def exact_results(background):
     code, out, err = _finish(background["exact"])
     assert code == 0, err[-5000:]
-    line = [x for x in out.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT ") :])
+    return result_of(out)
 
 
 def test_json_layout(base_report):
@@ -304,7 +300,12 @@ def test_devices_flag_reexecutes_on_8_fake_devices_and_compiles(background, exac
     assert code == 0, err[-3000:]
     assert "8 fake CPU devices" in err
     report = json.loads(out)
-    assert report["devices"] == 8 and report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert report["devices"] == 8 and report["mesh"] == {
+        "data": 1,
+        "expert": 1,
+        "fsdp": 4,
+        "tensor": 2,
+    }
     per = report["per_device"]
     real = exact_results["full_fsdp4_tensor2"]["real"]
     assert [per[k] for k in ("params", "optimizer", "gradients")] == [

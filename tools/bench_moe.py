@@ -112,7 +112,8 @@ def routing_share(cfg: ModelConfig, args) -> dict:
 
     def full(x, router, *w):
         r = moe.route(x.astype(jnp.float32) @ router, k, True)
-        return jnp.sum(moe.grouped_ffn(x, r, *w, act).astype(jnp.float32))
+        y = moe.grouped_ffn(x, r, dict(zip(moe.PROJS, w, strict=True)), act)
+        return jnp.sum(y.astype(jnp.float32))
 
     def movement(x, router, *w):
         r = moe.route(x.astype(jnp.float32) @ router, k, True)

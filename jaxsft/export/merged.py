@@ -27,7 +27,7 @@ from jaxsft.export.files import (
     write_generation_config,
     write_safetensors,
 )
-from jaxsft.export.peft import adapted_linears, module_at
+from jaxsft.export.peft import adapted_linears, entry_adapter, module_at
 from jaxsft.export.targets import export_dir
 from jaxsft.hf_io import (
     DTYPES,
@@ -99,15 +99,15 @@ def _hf_layout(w, index, a, b, scale, *, transpose: bool, dtype):
 
 
 def _merged_fetch(model: nnx.Module, np_dtype, entry: Entry, index) -> np.ndarray:
-    """Host copy of one tensor (w[index] of a stacked one) with its LoRA delta folded in.
+    """Host copy of one tensor (w[index] of a stacked one: layer, or layer and expert) with its
+    LoRA delta folded in.
 
     Merge, cast and transpose run on device; the host array is returned as a transposed view
     when hf_tensors will transpose it, so that its .T is contiguous (no host-side copy).
     """
-    linear = module_at(model, entry.path[:-1])
-    lora = entry.path[-1] == "kernel" and getattr(linear, "lora_a", None) is not None
-    a, b = (linear.lora_a[...], linear.lora_b[...]) if lora else (None, None)
-    scale = np.float32(linear.lora_scale if lora else 0.0)
+    adapter = entry_adapter(model, entry)  # a Linear's, or the routed experts' (per expert)
+    a, b = (adapter[0][...], adapter[1][...]) if adapter else (None, None)
+    scale = np.float32(adapter[2] if adapter else 0.0)
     out = _hf_layout(
         module_at(model, entry.path)[...],
         np.asarray(index or (), np.int32),

@@ -9,11 +9,14 @@ A fused HF module (Phi's qkv_proj, gate_up_proj) holds m parts, each with its ow
 adapter here; PEFT gets one adapter of rank m*r: lora_A stacks the parts' A, lora_B is block
 diagonal (part p's rows x columns [p*r, (p+1)*r)), and rank_pattern / alpha_pattern keep the
 scale, so B @ A * scale is exactly the parts' deltas. A part without adapters is a zero block.
+The routed experts of an MoE model (PEFT target_parameters) and a trained router
+(modules_to_save) are written by peft_moe.py.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -26,6 +29,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from jaxsft.errors import UserError
+from jaxsft.export import peft_moe
 from jaxsft.export.check import (
     TOLERANCES,
     ExportCheckError,
@@ -60,16 +64,28 @@ def peft_key(cfg: ModelConfig, hf_key: str, name: str) -> str:
     return f"{PREFIX}{module.removesuffix('.weight')}.{name}.weight"
 
 
+def entry_adapter(model: nnx.Module, entry):
+    """(lora_a, lora_b, scale) of the adapter on one table entry's matrix, or None: a Linear's
+    kernel, or a routed experts' stack (Experts.NAME_lora_a / NAME_lora_b, per expert)."""
+    owner = module_at(model, entry.path[:-1])
+    name = "" if entry.path[-1] == "kernel" else entry.path[-1] + "_"
+    a = getattr(owner, name + "lora_a", None)
+    return None if a is None else (a, getattr(owner, name + "lora_b"), owner.lora_scale)
+
+
 def adapted_linears(model: nnx.Module, cfg: ModelConfig):
-    """(table entry, Linear) for every kernel of the table that carries LoRA adapters."""
-    out = []
+    """(table entry, Linear) for every kernel of the table that carries LoRA adapters; asserts
+    that every adapter of the model sits on a matrix of the table (kernels and experts)."""
+    out, found = [], set()
     for entry in weight_table(cfg):
+        adapter = entry_adapter(model, entry)
+        if adapter is None:
+            continue
+        name = "" if entry.path[-1] == "kernel" else entry.path[-1] + "_"
+        found |= {(*entry.path[:-1], name + ab) for ab in ("lora_a", "lora_b")}
         if entry.path[-1] == "kernel":
-            linear = module_at(model, entry.path[:-1])
-            if getattr(linear, "lora_a", None) is not None:
-                assert len(entry.stack) == 1 and entry.transpose, entry  # per-layer adapters
-                out.append((entry, linear))
-    found = {(*e.path[:-1], ab) for e, _ in out for ab in ("lora_a", "lora_b")}
+            assert len(entry.stack) == 1 and entry.transpose, entry  # per-layer adapters
+            out.append((entry, module_at(model, entry.path[:-1])))
     held = {tuple(p) for p, _ in nnx.to_flat_state(nnx.state(model, LoRAParam))}
     assert found == held, f"LoRA adapters outside the weight table: {sorted(held - found)}"
     return out
@@ -127,11 +143,15 @@ def _fused_alpha(lora: LoraConfig, parts: int) -> float:
     return lora.scale * (math.sqrt(r) if lora.rslora else r)
 
 
-def adapter_config(cfg: ModelConfig, lora: LoraConfig, base_model_path: str, groups) -> dict:
+def adapter_config(
+    cfg: ModelConfig, lora: LoraConfig, base_model_path: str, groups, moe: dict | None = None
+) -> dict:
     """adapter_config.json in peft's LoraConfig fields (peft fills the rest with defaults);
-    groups: adapted_groups (fused modules get rank_pattern / alpha_pattern entries)."""
+    groups: adapted_groups (fused modules get rank_pattern / alpha_pattern entries); moe:
+    peft_moe.config_fields (target_parameters, modules_to_save and their patterns)."""
     fused = [(name, parts) for name, parts in groups if len(parts) > 1]
     spec = families.wrapped(cfg)
+    moe = moe or {}
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -146,11 +166,14 @@ def adapter_config(cfg: ModelConfig, lora: LoraConfig, base_model_path: str, gro
         "inference_mode": True,
         "init_lora_weights": True,
         "use_dora": False,
-        "modules_to_save": None,
+        "target_parameters": moe.get("target_parameters"),
+        "modules_to_save": moe.get("modules_to_save"),
         "layers_to_transform": None,
         "layers_pattern": None,
-        "rank_pattern": {name: len(parts) * lora.rank for name, parts in fused},
-        "alpha_pattern": {name: _fused_alpha(lora, len(parts)) for name, parts in fused},
+        "rank_pattern": {name: len(parts) * lora.rank for name, parts in fused}
+        | moe.get("rank_pattern", {}),
+        "alpha_pattern": {name: _fused_alpha(lora, len(parts)) for name, parts in fused}
+        | moe.get("alpha_pattern", {}),
         "revision": None,
         # a multimodal wrapper: its vision tower has modules of the same names (q_proj, ...)
         "exclude_modules": None if spec is None else spec.peft_exclude,
@@ -177,12 +200,14 @@ def export_peft(
     into place). dtype: the adapter tensors' dtype (PEFT keeps adapters in float32).
     run_dir, force, step: as for export_merged (the rules of targets.py).
     """
-    if lora_cfg is None or lora_cfg.rank <= 0 or not adapted_linears(model, cfg):
+    experts = peft_moe.adapted_parts(peft_moe.experts_of(model))
+    if lora_cfg is None or lora_cfg.rank <= 0 or not (adapted_linears(model, cfg) or experts):
         raise UserError(
             "a PEFT adapter needs a LoRA run (lora.rank > 0)",
             hint="use --format merged for a full fine-tuning run",
         )
     adapted = {e.path[-2] for e, _ in adapted_linears(model, cfg)}
+    adapted |= {name for names in experts.values() for name in names}
     assert adapted == set(lora_cfg.modules), (adapted, lora_cfg.targets)
     np_dtype = np.dtype(DTYPES[dtype])
 
@@ -192,8 +217,11 @@ def export_peft(
     def fetch(var, i):
         return host_layer(var[...], i).astype(np_dtype)
 
-    r = lora_cfg.rank
-    plan = [Planned(k, a.shape, a.dtype) for k, a in adapter_tensors(model, cfg, plan_fetch, r)]
+    def tensors(fetch):
+        linears = adapter_tensors(model, cfg, fetch, lora_cfg.rank)
+        return itertools.chain(linears, peft_moe.tensors(model, lora_cfg, fetch))
+
+    plan = [Planned(k, a.shape, a.dtype) for k, a in tensors(plan_fetch)]
     write = is_writer()
     with export_dir(
         out_dir, "peft", base_model_path, run_dir=run_dir, force=force, step=step, write=write
@@ -201,7 +229,7 @@ def export_peft(
         write_safetensors(
             tmp,
             plan,
-            adapter_tensors(model, cfg, fetch, r),
+            tensors(fetch),
             stem="adapter_model",
             max_shard_bytes=2**62,
             write=write,
@@ -210,7 +238,11 @@ def export_peft(
             write_json(
                 tmp / "adapter_config.json",
                 adapter_config(
-                    cfg, lora_cfg, os.fspath(base_model_path), adapted_groups(model, cfg)
+                    cfg,
+                    lora_cfg,
+                    os.fspath(base_model_path),
+                    adapted_groups(model, cfg),
+                    peft_moe.config_fields(model, lora_cfg),
                 ),
             )
         if check:
@@ -233,7 +265,8 @@ def _add_lora(w, a, b, scale):
 def merge_adapter(model: nnx.Module, cfg: ModelConfig, adapter_dir) -> None:
     """Fold a PEFT adapter directory into a jaxsft model's kernels, reading only what peft
     reads: adapter_config.json (r, lora_alpha, use_rslora, target_modules, rank_pattern,
-    alpha_pattern) and the tensors; a fused module's delta is split into its parts' rows."""
+    alpha_pattern; target_parameters and modules_to_save of an MoE model, peft_moe.merge) and
+    the tensors; a fused module's delta is split into its parts' rows."""
     config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
     targets = set(config["target_modules"])
     with safe_open(os.path.join(adapter_dir, ADAPTER_FILE), framework="np") as f:
@@ -265,6 +298,7 @@ def merge_adapter(model: nnx.Module, cfg: ModelConfig, adapter_dir) -> None:
                     )
                 w = var[...]
                 var.set_value(jax.device_put(_add_lora(w, a, part, scale), w.sharding))
+        peft_moe.merge(model, config, f, unused, adapter_dir)
     if unused:
         raise ExportCheckError(f"{adapter_dir}: unexpected adapter tensors {sorted(unused)[:3]}")
 
@@ -278,7 +312,7 @@ def check_adapter(
     ids = probe_ids(cfg.vocab_size)
     want = float32_logits(model, ids)
     # The base is reloaded in the dtype the run holds it in; the adapters went through `dtype`.
-    base_dtype = np.dtype(adapted_linears(model, cfg)[0][1].kernel.dtype).name
+    base_dtype = np.dtype(module_at(model, weight_table(cfg)[0].path).dtype).name
     tol = max(TOLERANCES[base_dtype], TOLERANCES[dtype])
 
     def check():

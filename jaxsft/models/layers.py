@@ -21,8 +21,8 @@ def param(rngs, shape, names, dtype, init="normal", kind=nnx.Param):
         value = jnp.zeros(shape, dtype)
     elif init == "ones":
         value = jnp.ones(shape, dtype)
-    elif init == "uniform_fan_in":  # PEFT's kaiming_uniform(a=sqrt(5)) on lora_A
-        bound = 1.0 / jnp.sqrt(shape[0])
+    elif init == "uniform_fan_in":  # PEFT's kaiming_uniform(a=sqrt(5)) on lora_A [.., in, r]
+        bound = 1.0 / jnp.sqrt(shape[-2])
         value = jax.random.uniform(rngs.params(), shape, dtype, -bound, bound)
     else:
         value = (INIT_STD * jax.random.normal(rngs.params(), shape)).astype(dtype)

@@ -20,6 +20,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jaxsft.sharding import BATCH
 
 
 class Routing(NamedTuple):
@@ -62,7 +65,8 @@ def tile_rows(rows: int, experts: int) -> int:
 
 
 def tiled_matmul(x, w, sizes):
-    """x [R, D] (rows grouped by expert, `sizes` [E] rows each) @ w [E, D, F] -> [R, F] f32."""
+    """x [R, D] (rows grouped by expert, `sizes` [E] rows each) @ w [E, D, F] -> [R, F] f32.
+    Rows past sum(sizes) are padding: never multiplied, their output is zero."""
     R, D = x.shape
     E, _, F = w.shape
     tile = tile_rows(R, E)
@@ -72,7 +76,9 @@ def tiled_matmul(x, w, sizes):
     group_start = jnp.cumsum(sizes) - sizes
     expert_of_row = jnp.repeat(jnp.arange(E), sizes, total_repeat_length=R)
     dest = first_tile[expert_of_row] * tile + jnp.arange(R) - group_start[expert_of_row]
-    tiles = jnp.zeros((n_tiles * tile, D), x.dtype).at[dest].set(x).reshape(n_tiles, tile, D)
+    dest = jnp.where(jnp.arange(R) < jnp.sum(sizes), dest, n_tiles * tile)  # padding: nowhere
+    tiles = jnp.zeros((n_tiles * tile, D), x.dtype).at[dest].set(x, mode="drop")
+    tiles = tiles.reshape(n_tiles, tile, D)
     ends = jnp.cumsum(per_expert)
     owner = jnp.minimum(jnp.searchsorted(ends, jnp.arange(n_tiles), side="right"), E - 1)
     used = ends[-1]
@@ -82,32 +88,129 @@ def tiled_matmul(x, w, sizes):
         return jax.lax.cond(
             t < used,
             lambda: jnp.dot(rows, w[e], preferred_element_type=jnp.float32),
-            lambda: jnp.zeros((tile, F), jnp.float32),
+            lambda: _zeros((tile, F), rows, w[e]),
         )
 
     out = jax.lax.map(one, (jnp.arange(n_tiles), tiles, owner))
-    return out.reshape(n_tiles * tile, F)[dest]
+    return out.reshape(n_tiles * tile, F).at[dest].get(mode="fill", fill_value=0)
 
 
-def grouped_ffn(x, routing: Routing, gate, up, down, act, impl=None) -> jax.Array:
+def _zeros(shape, *like):
+    """float32 zeros that vary over the manual mesh axes of every array in `like` (inside
+    shard_map the two branches of a cond must agree on that; zeros_like carries it)."""
+    return sum(jnp.zeros_like(a, shape=shape, dtype=jnp.float32) for a in like)
+
+
+PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def expert_mlp(xs, sizes, w: dict, act, impl=None, lora_scale: float = 0.0) -> jax.Array:
+    """The experts' MLP on rows grouped by expert: xs [R, D], `sizes` [E] rows per expert (rows
+    past sum(sizes) are padding: their output is zero) -> [R, D].
+
+    w: gate_proj, up_proj [E, D, F], down_proj [E, F, D], and for each projection that has
+    one-adapter-per-expert LoRA, NAME_lora_a [E, in, r] and NAME_lora_b [E, r, out]: the
+    delta lora_scale x (x A_e) B_e is two more grouped matmuls."""
+
+    def proj(name, h):
+        y = _matmul(h, w[name], sizes, impl)
+        if name + "_lora_a" in w:
+            a = _matmul(h, w[name + "_lora_a"], sizes, impl)
+            delta = _matmul(a, w[name + "_lora_b"], sizes, impl)
+            y = y + (lora_scale * delta.astype(jnp.float32)).astype(y.dtype)
+        return y
+
+    return proj("down_proj", act(proj("gate_proj", xs)) * proj("up_proj", xs))
+
+
+def grouped_ffn(x, routing: Routing, w: dict, act, impl=None, lora_scale: float = 0.0):
     """Dropless expert FFN: x [T, D] -> sum_j w_j * down_e(act(gate_e x) * up_e x) for the k
-    experts e of each token. gate, up: [E, D, F]; down: [E, F, D]. impl: see _matmul."""
+    experts e of each token. w: see expert_mlp. impl: see _matmul."""
     T, k = routing.experts.shape
-    E = gate.shape[0]
+    E = w["gate_proj"].shape[0]
     flat = routing.experts.reshape(-1)  # [T k]
     order = jnp.argsort(flat, stable=True)  # pairs sorted by expert
     sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # tokens per expert
-    xs = x[order // k]  # [T k, D], grouped by expert
-    h = act(_matmul(xs, gate, sizes, impl)) * _matmul(xs, up, sizes, impl)
-    ys = _matmul(h, down, sizes, impl)
+    ys = expert_mlp(x[order // k], sizes, w, act, impl, lora_scale)  # grouped by expert
     ys = ys.astype(jnp.float32) * routing.weights.reshape(-1)[order][:, None]
     pairs = ys[jnp.argsort(order)].reshape(T, k, -1)  # back in token order
     return jnp.sum(pairs, axis=1).astype(x.dtype)
 
 
-def dense_ffn(x, routing: Routing, gate, up, down, act) -> jax.Array:
+def exchanged_ffn(x, routing: Routing, w: dict, act, impl=None, lora_scale=0.0, axis="expert"):
+    """grouped_ffn with the experts split over mesh axis `axis` (inside shard_map): x [t, D]
+    and routing are this device's tokens, w holds its E_l = E / n local experts (experts
+    d E_l .. (d+1) E_l - 1 on device d). Each (token, expert) pair is sent to the device of
+    its expert (all_to_all), the received rows are grouped by local expert and run through
+    expert_mlp, and the outputs go back the same way (all_to_all) to be combined.
+
+    Dropless: a device may receive every pair of every device, so each of the n send chunks
+    holds t k rows (memory n x t k x D; the matmuls skip the padding). XLA:CPU has no
+    ragged_all_to_all, which would send only the real rows; this runs everywhere."""
+    t, k = routing.experts.shape
+    D = x.shape[-1]
+    E_l = w["gate_proj"].shape[0]
+    n = jax.lax.axis_size(axis)
+    flat = routing.experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # by expert, hence by device
+    chosen = flat[order]
+    dest = chosen // E_l
+    sizes = jnp.bincount(dest, length=n)
+    slot = jnp.arange(t * k) - (jnp.cumsum(sizes) - sizes)[dest]  # row within dest's chunk
+    send = jnp.zeros((n, t * k, D), x.dtype).at[dest, slot].set(x[order // k])
+    local = jnp.full((n, t * k), E_l, jnp.int32).at[dest, slot].set(chosen % E_l)
+    recv = jax.lax.all_to_all(send, axis, 0, 0).reshape(n * t * k, D)  # [source, row]
+    ids = jax.lax.all_to_all(local, axis, 0, 0).reshape(-1)  # local expert, E_l = padding
+    regroup = jnp.argsort(ids, stable=True)  # real rows by local expert, padding last
+    counts = jnp.bincount(ids, length=E_l + 1)[:E_l].astype(jnp.int32)
+    ys = expert_mlp(recv[regroup], counts, w, act, impl, lora_scale)
+    back = ys[jnp.argsort(regroup)].reshape(n, t * k, D)
+    ys = jax.lax.all_to_all(back, axis, 0, 0)[dest, slot]  # my pairs, in sorted order
+    ys = ys.astype(jnp.float32) * routing.weights.reshape(-1)[order][:, None]
+    pairs = ys[jnp.argsort(order)].reshape(t, k, D)
+    return jnp.sum(pairs, axis=1).astype(x.dtype)
+
+
+def ffn(x, routing, w: dict, act, lora_scale: float = 0.0):
+    """grouped_ffn, or under a mesh with an expert axis (mesh.expert > 1) the same FFN
+    with the experts split over that axis and the tokens exchanged (exchanged_ffn in a
+    shard_map): the token rows are split over every mesh axis whose product divides them, the
+    expert weights over `expert` only (gathered over fsdp/tensor for the layer, as FSDP does).
+    Rows that the expert axis does not divide (a decode step) take the local path."""
+    mesh = jax.sharding.get_abstract_mesh()
+    n = 1 if mesh.empty else dict(mesh.shape).get("expert", 1)
+    if n == 1 or x.shape[0] % n:
+        return grouped_ffn(x, routing, w, act, lora_scale=lora_scale)
+    rows, split = {"expert"}, n
+    for name in (*BATCH, "tensor"):
+        size = mesh.shape[name]
+        if name not in rows and size > 1 and x.shape[0] % (split * size) == 0:
+            rows, split = rows | {name}, split * size
+    order = tuple(a for a in (*BATCH, "tensor") if a in rows)  # the batch's own device order
+    r, others = P(order), tuple(a for a in order if a != "expert")
+
+    def local(x, routing, w):
+        # The weights, the same on every device of `others`, meet each device's own tokens:
+        # marking them varying here puts the gradient's sum over those devices at this one
+        # point (not inside the tiled matmul's loop, where devices take different branches).
+        if others:
+            w = jax.tree.map(lambda a: jax.lax.pcast(a, others, to="varying"), w)
+        return exchanged_ffn(x, routing, w, act, lora_scale=lora_scale)
+
+    spec = Routing(r, r, r, r)
+    w_spec = {name: P("expert") for name in w}
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(r, spec, w_spec),
+        out_specs=r,
+    )(x, routing, w)
+
+
+def dense_ffn(x, routing: Routing, w: dict, act) -> jax.Array:
     """Reference: every token through every expert, weighted by its (dense) routing weights;
     zero weight for the experts a token did not choose. O(T E F): for tests only."""
+    gate, up, down = (w[p] for p in PROJS)
     E = gate.shape[0]
     dense = jnp.sum(
         jax.nn.one_hot(routing.experts, E, dtype=jnp.float32) * routing.weights[..., None], axis=1

@@ -19,7 +19,7 @@ from flax import nnx
 from jaxsft.models import attention, moe, ops
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.layers import ACTIVATIONS, Embed, Linear, RMSNorm, param
-from jaxsft.models.lora import LoraConfig
+from jaxsft.models.lora import LoraConfig, LoRAParam
 from jaxsft.models.rope import apply_rope, inv_frequencies, long_frequencies, rope_tables
 from jaxsft.sharding import constrain
 
@@ -92,26 +92,53 @@ class MLP(nnx.Module):
 
 class Experts(nnx.Module):
     """The E experts' MLP matrices, stacked: gate_proj, up_proj [E, D, F], down_proj [E, F, D]
-    (HF: mlp.experts.{j}.gate_proj.weight [F, D], ..., transposed and stacked on import)."""
+    (HF: mlp.experts.{j}.gate_proj.weight [F, D], ..., transposed and stacked on import).
 
-    def __init__(self, cfg: ModelConfig, param_dtype, rngs):
+    With LoRA on a projection NAME (lora.applies_to), one adapter per expert, stacked:
+    NAME_lora_a [E, in, r] (uniform, PEFT's init) and NAME_lora_b [E, r, out] (zero)."""
+
+    def __init__(self, cfg: ModelConfig, param_dtype, rngs, lora: LoraConfig | None = None):
         E, D, F = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate_proj = param(rngs, (E, D, F), ("expert", "embed", "mlp"), param_dtype)
-        self.up_proj = param(rngs, (E, D, F), ("expert", "embed", "mlp"), param_dtype)
-        self.down_proj = param(rngs, (E, F, D), ("expert", "mlp", "embed"), param_dtype)
+        shapes = {"gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp")}
+        shapes |= {"down_proj": ("mlp", "embed")}  # (in, out) axes of each projection
+        size = {"embed": D, "mlp": F}
+        self.lora_scale = lora.scale if lora else 0.0
+        for name, (d_in, d_out) in shapes.items():
+            shape = (E, size[d_in], size[d_out])
+            setattr(self, name, param(rngs, shape, ("expert", d_in, d_out), param_dtype))
+            a = b = None
+            if lora and lora.applies_to(name):
+                r, n_in, n_out = lora.rank, size[d_in], size[d_out]
+                a_names, b_names = ("expert", d_in, "lora_rank"), ("expert", "lora_rank", d_out)
+                a = param(rngs, (E, n_in, r), a_names, param_dtype, "uniform_fan_in", LoRAParam)
+                b = param(rngs, (E, r, n_out), b_names, param_dtype, "zeros", LoRAParam)
+            setattr(self, f"{name}_lora_a", a)
+            setattr(self, f"{name}_lora_b", b)
+
+    def weights(self) -> dict:
+        """The arrays of moe.expert_mlp's `w` (with the adapters of the adapted projections)."""
+        w = {name: getattr(self, name)[...] for name in moe.PROJS}
+        for name in moe.PROJS:
+            for ab in ("lora_a", "lora_b"):
+                var = getattr(self, f"{name}_{ab}")
+                if var is not None:
+                    w[f"{name}_{ab}"] = var[...]
+        return w
 
 
 class SparseMoE(nnx.Module):
     """A mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): a float32 router (`gate`,
     HF mlp.gate), k of E experts per token through the dropless grouped FFN of models/moe.py,
-    and (Qwen2-MoE) a shared expert scaled by sigmoid(shared_expert_gate x). LoRA adapters go
-    on the shared expert's projections only; the experts and the router stay frozen."""
+    and (Qwen2-MoE) a shared expert scaled by sigmoid(shared_expert_gate x). LoRA targets
+    gate_proj/up_proj/down_proj adapt the routed experts (one adapter per expert) and the
+    shared expert's projections of those names; the router never gets an adapter (it trains
+    in full with lora.train_router, a filter of the trainable partition: lora.trainable)."""
 
     def __init__(self, cfg: ModelConfig, lora, dtype, param_dtype, rngs):
         D, E = cfg.hidden_size, cfg.num_experts
         kw = dict(param_dtype=param_dtype, rngs=rngs)
         self.gate = Linear(D, E, ("embed", None), dtype=jnp.float32, **kw)
-        self.experts = Experts(cfg, param_dtype, rngs)
+        self.experts = Experts(cfg, param_dtype, rngs, lora)
         if cfg.shared_expert_size:
             self.shared_expert = MLP(cfg, lora, dtype, param_dtype, rngs, cfg.shared_expert_size)
             self.shared_expert_gate = Linear(D, 1, ("embed", None), dtype=dtype, **kw)
@@ -127,14 +154,12 @@ class SparseMoE(nnx.Module):
         flat = x.reshape(B * T, D)
         routing = moe.route(self.gate(flat), self.k, self.renormalize)
         e = self.experts
-        y = moe.grouped_ffn(
-            flat, routing, e.gate_proj[...], e.up_proj[...], e.down_proj[...], ACTIVATIONS[self.act]
-        )
-        if self.shared_expert is not None:
-            gate = jax.nn.sigmoid(self.shared_expert_gate(flat))
-            y = y + gate * self.shared_expert(flat)
+        y = moe.ffn(flat, routing, e.weights(), ACTIVATIONS[self.act], lora_scale=e.lora_scale)
+        y = y.reshape(B, T, D)
+        if self.shared_expert is not None:  # on [B, T, D], where its sharding names apply
+            y = y + jax.nn.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         stats = moe.load_stats(routing, None if valid is None else valid.reshape(-1))
-        return y.reshape(B, T, D), stats
+        return y, stats
 
 
 def block_norms(cfg: ModelConfig) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ from jaxsft.checkpoint import attempt, checkpoint_dir, existing_steps, restore_p
 from jaxsft.errors import UserError
 from jaxsft.hf_io import load_hf
 from jaxsft.models.config import ModelConfig
-from jaxsft.models.lora import LoraConfig, LoRAParam
+from jaxsft.models.lora import LoraConfig, LoRAParam, trainable
 from jaxsft.sharding import BATCH, make_mesh
 from jaxsft.train import step as step_lib
 from jaxsft.train.optim import make_optimizer
@@ -46,12 +46,31 @@ class TrainSetup:
 
 
 def config_mesh(config):
-    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    m = config.mesh
+    return make_mesh(m.data, m.fsdp, m.tensor, expert=m.expert)
 
 
 def split_trainable(model, lora: LoraConfig | None):
-    """(graphdef, trainable, frozen): the adapters of a LoRA run, else every parameter."""
-    return nnx.split(model, LoRAParam if lora else nnx.Param, ...)
+    """(graphdef, trainable, frozen): the adapters of a LoRA run (and its MoE routers with
+    lora.train_router), else every parameter."""
+    return nnx.split(model, trainable(lora), ...)
+
+
+def kl_reference(config, lora: LoraConfig | None, params):
+    """The base values of the trainable partition for the KL-to-base term, or None: a bf16
+    copy for full fine-tuning; None for a LoRA run (the base is its adapters at zero), except
+    with trained routers: zero adapters and a copy of the routers as loaded."""
+    if not config.train.kl_to_base or (lora and not lora.train_router):
+        return None
+    if not lora:
+        return jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+
+    def base(v):  # new buffers (the params are donated), placed like the parameter
+        x = v[...]
+        value = jnp.zeros_like(x) if isinstance(v, LoRAParam) else jnp.array(x, copy=True)
+        return v.replace(jax.device_put(value, x.sharding))
+
+    return jax.tree.map(base, params, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
 def load_model(config, mesh):
@@ -75,9 +94,7 @@ def build_model_state(config, mesh=None, total_steps: int = 1) -> TrainSetup:
     lora = config_lib.lora_config(config)
     model, model_cfg = load_model(config, mesh)
     graphdef, params, frozen = split_trainable(model, lora)
-    ref = None
-    if config.train.kl_to_base and not lora:  # full SFT: a frozen bf16 copy of the base
-        ref = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    ref = kl_reference(config, lora, params)
     tx, schedule = make_optimizer(config.train, total_steps)
     replicated = NamedSharding(mesh, PartitionSpec())
     state = {
@@ -127,17 +144,22 @@ def router_aux_coef(config, model_cfg) -> float:
 
 def compile_steps(setup: TrainSetup, config) -> TrainSetup:
     """Jit the train and eval steps with explicit shardings; the state is donated."""
+    router_aux = router_aux_coef(config, setup.model_cfg)
     loss_fn = step_lib.make_loss_fn(
         setup.graphdef,
         chunk=config.train.loss_chunk,
         kl_beta=float(config.train.kl_to_base),
         lora=setup.lora_cfg is not None,
-        router_aux=router_aux_coef(config, setup.model_cfg),
+        router_aux=router_aux,
     )
+    exact = router_aux and bool(config.train.get("router_aux_global_batch", True))
+    router_load = step_lib.make_router_load_fn(setup.graphdef) if exact else None
     shard = _shardings
     state_sh, frozen_sh, ref_sh = shard(setup.state), shard(setup.frozen), shard(setup.ref)
     setup.batch_sharding = NamedSharding(setup.mesh, PartitionSpec(BATCH, None))
-    train = step_lib.make_train_step(loss_fn, setup.tx, setup.schedule, config.train.grad_accum)
+    train = step_lib.make_train_step(
+        loss_fn, setup.tx, setup.schedule, config.train.grad_accum, router_load
+    )
     setup.train_step = jax.jit(
         train,
         in_shardings=(state_sh, frozen_sh, ref_sh, setup.batch_sharding),

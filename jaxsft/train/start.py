@@ -20,6 +20,7 @@ import jax
 from jaxsft import config as config_lib
 from jaxsft import export as export_lib
 from jaxsft import run_dir as rd
+from jaxsft import sharding
 from jaxsft.checkpoint import Checkpointer, existing_steps
 from jaxsft.data import pipeline
 from jaxsft.errors import UserError
@@ -66,6 +67,7 @@ def prepare(config) -> Start:
     total = total_steps(config, data)
     mesh = setup_lib.config_mesh(config)
     check_batch_geometry(config, mesh)
+    check_expert_axis(ModelConfig.from_hf(config.model.path), mesh)
     trainer = setup_lib.compile_steps(
         setup_lib.build_model_state(config, mesh, total_steps=total), config
     )
@@ -130,15 +132,34 @@ def check_batch_geometry(config, mesh) -> None:
             where="train.batch_size",
             hint=f"use a multiple of {procs}",
         )
-    shards = int(mesh.shape["data"] * mesh.shape["fsdp"])
+    shards = sharding.batch_devices(mesh.shape)
     if (b // a) % shards:
         raise UserError(
             f"train.batch_size / train.grad_accum = {b} / {a} = {b // a} rows per micro-batch "
-            f"do not split over the {shards} devices of mesh.data x mesh.fsdp "
-            f"({mesh.shape['data']} x {mesh.shape['fsdp']})",
+            f"do not split over the {shards} devices of mesh.data x mesh.expert x mesh.fsdp "
+            f"({' x '.join(str(mesh.shape[a]) for a in sharding.BATCH)})",
             where="train.batch_size",
             hint=f"use a train.batch_size that is a multiple of {a * shards}, or another mesh "
             "(mesh.tensor takes devices off the batch split)",
+        )
+
+
+def check_expert_axis(model_cfg: ModelConfig, mesh) -> None:
+    """mesh.expert > 1 splits the experts of an MoE model: it must divide their number."""
+    n = int(mesh.shape["expert"])
+    if n == 1:
+        return
+    if not model_cfg.num_experts:
+        raise UserError(
+            f"mesh.expert={n}, but {model_cfg.model_type} is not a mixture-of-experts model",
+            where="mesh.expert",
+            hint="use mesh.data or mesh.fsdp to split the batch over those devices",
+        )
+    if model_cfg.num_experts % n:
+        raise UserError(
+            f"mesh.expert={n} does not divide the model's {model_cfg.num_experts} experts",
+            where="mesh.expert",
+            hint="use a divisor of num_experts",
         )
 
 

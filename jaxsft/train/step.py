@@ -34,9 +34,10 @@ def make_loss_fn(
     [E], router_rows), so the logged load-balancing loss is that of the whole global batch;
     with router_aux > 0 the objective gains router_aux x balance loss x supervised tokens of
     this (micro-)batch, so that after the one division by the global token count it weighs as
-    the main loss does. Its gradient uses each micro-batch's own load fractions (they carry no
-    gradient), so with grad_accum > 1 it is the token-weighted mean of the micro-batches'
-    balance losses, not the balance loss of their union."""
+    the main loss does. The load fractions f of the balance loss carry no gradient; a batch
+    that holds `router_load` (the global batch's f [E], from make_router_load_fn) with
+    `router_rows` and `supervised_total` uses them instead of its own, so that the terms of
+    the micro-batches of a step add up to the global batch's balance loss and its gradient."""
 
     def loss_fn(params, frozen, ref, batch):
         model = nnx.merge(graphdef, params, frozen)
@@ -45,8 +46,9 @@ def make_loss_fn(
         targets, weights = shift_targets(ids, batch["loss_mask"], seg)
         base = None
         if kl_beta:
-            # LoRA: the base is the same weights with adapters off (no second copy).
-            base_params = jax.tree.map(jnp.zeros_like, params) if lora else ref
+            # LoRA: the base is the same weights with adapters off (no second copy), unless
+            # `ref` holds the base values (trained routers: setup.kl_reference).
+            base_params = jax.tree.map(jnp.zeros_like, params) if lora and ref is None else ref
             base_model = nnx.merge(graphdef, base_params, frozen)
             hb = jax.lax.stop_gradient(base_model.hidden(ids, pos, seg))
             base = (hb, jax.lax.stop_gradient(base_model.unembed_kernel()))
@@ -65,12 +67,42 @@ def make_loss_fn(
             sums.update(
                 expert_counts=stats.counts, expert_probs=stats.prob_sums, router_rows=stats.rows
             )
-            if router_aux:
+            if router_aux and "router_load" in batch:  # this micro-batch's share of the global
+                E = stats.prob_sums.shape[0]
+                share = jnp.sum(batch["router_load"] * stats.prob_sums) / batch["router_rows"]
+                aux = E * share * batch["supervised_total"]
+                sums["objective_sum"] = sums["objective_sum"] + router_aux * aux
+            elif router_aux:
                 aux = moe.balance_loss(stats) * sums["count"]
                 sums["objective_sum"] = sums["objective_sum"] + router_aux * aux
         return sums["objective_sum"], sums
 
     return loss_fn
+
+
+def make_router_load_fn(graphdef):
+    """(params, frozen, micro-batches [A, b, T]) -> the extra keys that make each micro-batch's
+    balance-loss term use the global batch's load fractions (make_loss_fn): one forward pass
+    of the decoder per micro-batch (no head, no backward) for the router statistics."""
+
+    def router_load(params, frozen, mbs):
+        model = nnx.merge(graphdef, jax.lax.stop_gradient(params), frozen)
+
+        def stats_of(carry, mb):
+            mb = jax.tree.map(lambda x: constrain(x, "batch", None), mb)
+            _, stats = model.hidden_and_router_stats(
+                mb["input_ids"], mb["positions"], mb["segment_ids"]
+            )
+            _, weights = shift_targets(mb["input_ids"], mb["loss_mask"], mb["segment_ids"])
+            return jax.tree.map(jnp.add, carry, (stats, jnp.sum(weights))), None
+
+        E = model.cfg.num_experts
+        zero = (moe.LoadStats(jnp.zeros(E), jnp.zeros(E), jnp.zeros(())), jnp.zeros(()))
+        (stats, total), _ = jax.lax.scan(stats_of, zero, mbs)
+        rows = jnp.maximum(stats.rows, 1.0)
+        return {"router_load": stats.counts / rows, "router_rows": rows, "supervised_total": total}
+
+    return router_load
 
 
 def micro_batches(batch, grad_accum: int):
@@ -84,19 +116,23 @@ def micro_batches(batch, grad_accum: int):
     return jax.tree.map(split, batch)
 
 
-def make_train_step(loss_fn, tx, schedule, grad_accum: int):
+def make_train_step(loss_fn, tx, schedule, grad_accum: int, router_load=None):
+    """router_load (make_router_load_fn, or None): with grad_accum > 1, first the global
+    batch's router load, then each micro-batch's balance-loss gradient with it (exact)."""
+
     def train_step(state, frozen, ref, batch):
         params = state["params"]
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        mbs = micro_batches(batch, grad_accum)
+        extra = router_load(params, frozen, mbs) if router_load and grad_accum > 1 else {}
 
         def accumulate(carry, mb):
             mb = jax.tree.map(lambda x: constrain(x, "batch", None), mb)
-            (_, sums), grads = grad_fn(params, frozen, ref, mb)
+            (_, sums), grads = grad_fn(params, frozen, ref, {**mb, **extra})
             return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-        mbs = micro_batches(batch, grad_accum)
         first = jax.tree.map(lambda x: x[0], mbs)
-        _, sums_shape = jax.eval_shape(loss_fn, params, frozen, ref, first)
+        _, sums_shape = jax.eval_shape(loss_fn, params, frozen, ref, {**first, **extra})
         zeros = (
             jax.tree.map(jnp.zeros_like, params),
             jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), sums_shape),
