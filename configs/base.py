@@ -31,7 +31,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Layers per iteration of the scan over layers: 1 keeps compile time independent of depth;
     # unrolling (e.g. all layers) lets XLA:CPU run the backward ~20% faster on small models.
     c.model.unroll_layers = 1
-    # Attention kernel: "auto" (cudnn on GPU, xla elsewhere), "xla", "cudnn".
+    # Attention kernel: "auto" (splash on TPU, cudnn's choice on GPU, xla elsewhere), "xla" (einsum,
+    # dense mask), "cudnn" (jax.nn.dot_product_attention, dense mask), "pallas_gpu" (Pallas
+    # Triton flash kernel with segment ids; no window or softcap: those fall back to the dense
+    # path), "splash" (TPU splash attention: segment ids, windows, softcap). docs/performance.md
     c.model.attention = "auto"
 
     c.data = group()

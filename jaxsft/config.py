@@ -23,7 +23,7 @@ CHOICES = {
     "model.dtype": ("bfloat16", "float32", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
-    "model.attention": ("auto", "xla", "cudnn"),
+    "model.attention": ("auto", "xla", "cudnn", "pallas_gpu", "splash"),
     "data.on_invalid": ("error", "skip"),
     "export.format": ("merged", "peft", "both", "none"),
     "export.dtype": ("source", "bfloat16", "float32", "float16"),

@@ -2,17 +2,57 @@
 
 Grouped-query attention with N q heads over K kv heads (G = N / K q heads per kv head).
 The XLA path is einsum + float32 softmax; on GPU jax.nn.dot_product_attention picks cuDNN.
+The Pallas kernels (attention_kernels: "pallas_gpu", "splash") take a MaskSpec (segment ids
+and the window) instead of the dense mask.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsft.models import attention_kernels
+
 NEG_INF = -1e30  # finite, so fully masked (padding) rows stay NaN-free
+KERNELS = ("pallas_gpu", "splash")  # impls that take a MaskSpec; a ":interpret" suffix runs
+# them in Pallas interpret mode (CPU tests), it is not a config value
+log = logging.getLogger(__name__)
+
+
+class MaskSpec(NamedTuple):
+    """The mask of attention_mask as data, for kernels that never build it: segment ids
+    q_seg [B, T], k_seg [B, S], slot indices q_idx [B, T] or [T], k_idx [S]; window: the
+    sliding window (static int, None: none); use_window: whether this layer uses it (a
+    traced bool per layer in the layer scan, or a Python bool)."""
+
+    q_seg: jax.Array
+    k_seg: jax.Array
+    q_idx: jax.Array
+    k_idx: jax.Array
+    window: int | None = None
+    use_window: jax.Array | bool = True
+
+    def dense(self):
+        """The [B, T, S] bool mask (for the XLA / cuDNN paths)."""
+        full = attention_mask(self.q_seg, self.k_seg, self.q_idx, self.k_idx)
+        if not self.window or self.use_window is False:
+            return full
+        windowed = attention_mask(self.q_seg, self.k_seg, self.q_idx, self.k_idx, self.window)
+        return windowed if self.use_window is True else jnp.where(self.use_window, windowed, full)
+
+
+def layer_mask(masks, use_window):
+    """One layer's mask from what Transformer._masks built: a MaskSpec (its use_window set to
+    this layer's when it is None), (mask,) for every layer, or (full, windowed) by use_window."""
+    if isinstance(masks, MaskSpec):
+        return masks._replace(use_window=use_window) if masks.use_window is None else masks
+    return masks[0] if len(masks) == 1 else jnp.where(use_window, masks[1], masks[0])
 
 
 def attention_mask(q_seg, k_seg, q_idx, k_idx, sliding_window: int | None = None):
@@ -34,14 +74,24 @@ CAUSAL_BLOCK = 128  # query rows per block of the causal-skipping path
 
 
 def attend(q, k, v, mask, impl: str = "xla", *, scale=None, softcap=None):
-    """q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H] in q's dtype.
+    """q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] or MaskSpec -> [B, T, N, H] in q's dtype.
 
     scale: of q.k (default H**-0.5); softcap: scores -> softcap * tanh(scores / softcap)
-    before the mask (Gemma 2; the einsum path only). The mask must be causal (it always is
-    here). When queries and keys are the same T positions, the einsum path skips key blocks
-    after each query block (~40% less work at T=512, more for longer rows).
+    before the mask (Gemma 2; the einsum path and splash). The mask must be causal (it always
+    is here). When queries and keys are the same T positions, the einsum path skips key
+    blocks after each query block (~40% less work at T=512, more for longer rows).
+    impl: "xla", "cudnn", "auto" (jax.nn.dot_product_attention's choice) take the dense mask
+    (built here from a MaskSpec); "pallas_gpu" and "splash" take a MaskSpec of causal
+    self-attention (q_idx = k_idx = the row's slots) and fall back to "auto" / "xla" where
+    they do not apply (logged once per reason).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if isinstance(mask, MaskSpec):
+        out = _attend_kernel(q, k, v, mask, impl, scale, softcap)
+        if out is not None:
+            return out
+        mask = mask.dense()
+    impl = _fallback(impl)  # a kernel impl given a dense mask (decoding) or not applying
     if impl == "xla" or softcap:  # cuDNN / dot_product_attention take no softcap
         if q.shape[1] == k.shape[1] and q.shape[1] > CAUSAL_BLOCK:
             return _attend_causal_blocks(q, k, v, mask, CAUSAL_BLOCK, scale, softcap)
@@ -139,6 +189,57 @@ def _core_bwd(softcap, res, do):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
+def _attend_kernel(q, k, v, spec: MaskSpec, impl: str, scale: float, softcap):
+    """The Pallas kernel's output, or None where it does not apply (then logged once)."""
+    name, _, mode = impl.partition(":")
+    interpret = mode == "interpret"
+    T = q.shape[1]
+    if name not in KERNELS or k.shape[1] != T:
+        if name in KERNELS:
+            _log_once(f"attention {name}: queries and keys differ in length (decoding)")
+        return None
+    window = spec.window if spec.window and spec.window < T else None  # wider: no effect
+    if name == "pallas_gpu":
+        if softcap or (window and spec.use_window is not False):
+            what = "a logit softcap" if softcap else "a sliding window"
+            _log_once(f"attention pallas_gpu takes no {what}: dense-mask fallback")
+            return None
+        return attention_kernels.pallas_gpu(q, k, v, spec.q_seg, scale=scale, interpret=interpret)
+    kernel = partial(
+        attention_kernels.splash, q, k, v, spec.q_seg, scale=scale, softcap=softcap or None
+    )
+    if not window or spec.use_window is False:
+        return kernel(interpret=interpret)
+    if spec.use_window is True:
+        return kernel(window=window, interpret=interpret)
+    return jax.lax.cond(  # per-layer window inside the layer scan: one kernel of the two runs
+        spec.use_window,
+        lambda: kernel(window=window, interpret=interpret),
+        lambda: kernel(interpret=interpret),
+    )
+
+
+def _fallback(impl: str) -> str:
+    """The dense-mask impl for a kernel impl that does not apply."""
+    name = impl.partition(":")[0]
+    if name == "pallas_gpu":
+        return "auto"
+    return "xla" if name == "splash" else impl
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    log.warning(message)
+
+
 def default_impl() -> str:
-    """'auto' (cuDNN when it applies) on GPU, the einsum path elsewhere."""
-    return "auto" if jax.default_backend() == "gpu" else "xla"
+    """What "auto" means: splash on TPU (XLA would materialise every layer's float32 scores),
+    jax.nn.dot_product_attention on GPU (cuDNN where it applies: the Pallas kernel is not the
+    default until it is measured faster on a GPU), the einsum path elsewhere. Kernels fall
+    back per call where they do not apply (see attend)."""
+    return {"gpu": "auto", "tpu": "splash"}.get(jax.default_backend(), "xla")
+
+
+def takes_spec(impl: str) -> bool:
+    """Whether `impl` wants a MaskSpec rather than the dense mask."""
+    return impl.partition(":")[0] in KERNELS

@@ -305,7 +305,8 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(idx, (B, T))
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
-        mask = self._masks(segment_ids, segment_ids, idx, idx)
+        spec = attention.takes_spec(self.attention_impl)
+        mask = self._masks(segment_ids, segment_ids, idx, idx, spec)
         x, _, stats = self._run_layers(input_ids, positions, segment_ids, mask)
         return self.norm(x), stats
 
@@ -350,9 +351,13 @@ class Transformer(nnx.Module):
         cache = {"k": kv[0], "v": kv[1], "seg": seg, "index": index + T}
         return self.logits(self.norm(x)), cache
 
-    def _masks(self, q_seg, k_seg, q_idx, k_idx):
-        """(full mask, windowed mask): the second is None without per-layer windows."""
+    def _masks(self, q_seg, k_seg, q_idx, k_idx, spec=False):
+        """(full mask,) or (full mask, windowed mask) with per-layer windows; with `spec`, an
+        attention.MaskSpec instead (the Pallas kernels; no [B, T, S] mask is built)."""
         c = self.cfg
+        if spec:
+            per_layer = None if c.sliding_layers else True  # None: set per layer in the scan
+            return attention.MaskSpec(q_seg, k_seg, q_idx, k_idx, c.sliding_window, per_layer)
         full = attention.attention_mask(
             q_seg, k_seg, q_idx, k_idx, None if c.sliding_layers else c.sliding_window
         )
@@ -364,7 +369,7 @@ class Transformer(nnx.Module):
         self, input_ids, positions, segment_ids, masks, kv=None, index=None, lengths=None
     ):
         """-> (x [B, T, D], kv, moe.LoadStats summed over layers or None). masks: (mask,) for
-        every layer, or (full, windowed) per layer.
+        every layer, (full, windowed) per layer, or an attention.MaskSpec.
 
         kv (decode only): the stacked cache (k, v) [L, B, S, K, H]. It rides whole in the scan
         carry, so each layer updates its slice in place; passed through xs/ys instead, XLA
@@ -382,7 +387,7 @@ class Transformer(nnx.Module):
         def body(carry, xs):
             x, kv, stats = carry
             layer_state, use_window, layer = xs
-            mask = masks[0] if len(masks) == 1 else jnp.where(use_window, masks[1], masks[0])
+            mask = attention.layer_mask(masks, use_window)
             cos, sin = tables
             if self.local_rope is not None:
                 pairs = zip(local, tables, strict=True)
