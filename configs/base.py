@@ -61,6 +61,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.turns = "all"
     # Number of rendered examples `python -m jaxsft.data check --show` prints by default.
     c.data.show = 0
+    # Where the rendered splits are cached (docs/data.md "Cache"): "" means <run_dir>/data_cache,
+    # written once the start succeeded; any other directory (a shared one for a pod, filled
+    # beforehand by `python -m jaxsft.data prepare`) is written as soon as rendering ends. A
+    # later start, another host or `jaxsft.data check` with the same data files (by content),
+    # tokenizer, template, data.max_length, data.on_invalid/on_drop/turns and data.train/eval
+    # loads it instead of rendering.
+    c.data.cache_dir = ""
+    # Processes that render (each loads the tokenizer once): 0 means one per core, 1 renders in
+    # this process. The result is identical for any number.
+    c.data.workers = 0
 
     c.train = group()
     # Run length in optimizer steps; 0 means derive it from num_epochs (steps win when both set).

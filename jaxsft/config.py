@@ -54,6 +54,7 @@ NON_NEGATIVE = (
     "train.divergence_factor",
     "lora.rank",
     "eval.max_rows",
+    "data.workers",
 )
 
 

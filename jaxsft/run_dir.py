@@ -46,6 +46,8 @@ FREE_KEYS = (
     "run_dir",
     "data.eval",
     "data.show",
+    "data.cache_dir",
+    "data.workers",
     "train.log_every",
     "train.eval_every",
     "train.save_every",

@@ -442,6 +442,9 @@ def test_refused_starts_leave_run_dir_byte_identical(assets, stopped_at_16, tmp_
     run_dir = str(tmp_path / "run")
     shutil.copytree(stopped_at_16, run_dir)
     before = snapshot(run_dir)
+    # the run cached its rendered data in run_dir once its start succeeded; refused starts
+    # neither add a cache for other data nor touch this one
+    assert any(k.startswith("data_cache/") and k.endswith("/manifest.json") for k in before)
     cases = [
         (["--config.mesh.fsdp=3"], 3, "do not split over"),  # the mesh may change, 8 % 3 != 0
         (["--config.train.learning_rate=1e-2"], 1, "train.learning_rate: 0.003 -> 0.01"),

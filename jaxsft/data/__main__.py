@@ -1,9 +1,12 @@
 """`python -m jaxsft.data check --config configs/RUN.py [--show N] [--config.KEY=VALUE ...]`
+`python -m jaxsft.data prepare --config configs/RUN.py [--config.KEY=VALUE ...]`
 
-Reads, validates and renders data.train / data.eval exactly as training would, writes
-run_dir/data_report.json (creating run_dir, deleting nothing), prints a summary and, with
---show N, N rendered training examples with the supervised tokens marked. Exits 2 (one
-message, no traceback) on invalid data or when training would refuse to start.
+check reads, validates and renders data.train / data.eval exactly as training would (or loads
+them from the data cache), writes run_dir/data_report.json and the data cache (creating
+run_dir, deleting nothing), prints a summary and, with --show N, N rendered training examples
+with the supervised tokens marked. prepare renders into the data cache (data.cache_dir) and
+exits, writing nothing else: pre-render once on one machine before a pod job. Both exit 2
+(one message, no traceback) on invalid data or when training would refuse to start.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ def parse_args(argv: list[str]):
     check = sub.add_parser("check", help="write data_report.json and print a summary")
     check.add_argument("--config", required=True, help="ml_collections config file")
     check.add_argument("--show", type=int, default=None, help="print N rendered examples")
+    prep = sub.add_parser("prepare", help="render into the data cache (data.cache_dir) and exit")
+    prep.add_argument("--config", required=True, help="ml_collections config file")
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
@@ -122,9 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     from jaxsft.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(config.model.path)
+    if args.command == "prepare":
+        return prepare(config, tokenizer)
     show = args.show if args.show is not None else int(config.data.get("show", 0))
     data = pipeline.build_datasets(config, tokenizer, strict=False, show=show)
     path = check.write_report(config.run_dir, data.report)
+    pipeline.save_cache(data)
     print(summary(data.report))
     print(f"report: {path}")
     color = sys.stdout.isatty()
@@ -133,6 +141,30 @@ def main(argv: list[str] | None = None) -> int:
         ids, mask = data.train.input_ids[i].tolist(), data.train.loss_mask[i]
         print(f"\n--- {data.train.where[i]} (supervised: {legend})")
         print(marked(tokenizer, ids, mask, color, data.train.kinds[i]))
+    check.refuse_to_train(data.report)
+    return 0
+
+
+def prepare(config, tokenizer) -> int:
+    """Render data.train / data.eval into the data cache; print its path, key and size."""
+    import time
+
+    from jaxsft.data import check, pipeline
+
+    t0 = time.perf_counter()
+    data = pipeline.build_datasets(config, tokenizer, strict=False)
+    if data.cache is None:  # only when a data path is missing, which rendering refused
+        raise UserError("no data cache for this data", where="data.train")
+    path = pipeline.save_cache(data, required=True)
+    splits = [("train", data.train), ("eval", data.eval)]
+    sizes = ", ".join(
+        f"{name} {len(ex)} examples {int(ex.lengths.sum())} tokens"
+        for name, ex in splits
+        if ex is not None
+    )
+    print(f"data cache: {path}")
+    print(f"key: {data.cache.key}")
+    print(f"{sizes}; {time.perf_counter() - t0:.1f}s")
     check.refuse_to_train(data.report)
     return 0
 

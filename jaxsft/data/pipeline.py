@@ -5,14 +5,17 @@
     n = steps_per_epoch(data, config)                # optimizer steps in one epoch
     for batch in eval_iterator(data, config): ...    # one pass, fixed order
 
-Every example is rendered and tokenized once, up front, and kept in memory. Examples that keep
-no supervised token after truncation are dropped and counted. Each epoch e is planned from
+Every example is rendered and tokenized once, up front (render.py: in data.workers processes),
+and kept in memory; the rendered splits and their report go to the data cache (cache.py), which
+later starts, other hosts and `python -m jaxsft.data check` load instead of rendering. Examples
+that keep no supervised token after truncation are dropped and counted. Each epoch e is planned from
 (train.seed, e) alone: the mixture draw (readers.mixture_epoch), a shuffle, best-fit-decreasing
 packing of the shuffled examples (or one example per row) and a shuffle of the rows. The rows
 are cut into global batches of train.batch_size rows; the last batch of an epoch is filled
 with empty rows (all padding, loss_mask 0) so that every example is seen exactly once per
 epoch. Host p of P gets rows [p*B/P, (p+1)*B/P) of each global batch. Every host renders the
-whole data set and computes the same plan, so no communication is needed.
+whole data set (or loads it from the cache) and computes the same plan, so no communication
+is needed.
 
 The iterator state is {"epoch", "step"}: `grain.checkpoint.CheckpointSave(iterator)` and
 `CheckpointRestore` resume exactly at the next batch.
@@ -21,38 +24,22 @@ The iterator state is {"epoch", "step"}: `grain.checkpoint.CheckpointSave(iterat
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import time
 import warnings
 from typing import Any
 
 import grain
 import numpy as np
 
+from jaxsft.data import cache as cache_lib
 from jaxsft.data import check, formats, packing, readers
-from jaxsft.data.chat import render_many
+from jaxsft.data.render import RENDER_CHUNK, Examples, load_split, worker_count
 from jaxsft.errors import UserError
 from jaxsft.tokenizer import pad_id as tokenizer_pad_id
 
-RENDER_CHUNK = 1024  # examples encoded per batched tokenizer call
-
-
-@dataclasses.dataclass
-class Examples:
-    """Rendered examples of one split, in file order."""
-
-    input_ids: list[np.ndarray]  # int32 [n_i] each
-    loss_mask: list[np.ndarray]  # int32 [n_i] each
-    where: list[str]
-    source: np.ndarray  # int [E]: mixture component of each example
-    weights: list[float]  # mixture weights, one per component
-    kinds: list[np.ndarray] = dataclasses.field(default_factory=list)  # first few (--show)
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.fromiter((len(x) for x in self.input_ids), np.int64, len(self.input_ids))
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
+__all__ = ["RENDER_CHUNK", "Datasets", "Examples", "build_datasets", "save_cache"]
 
 
 @dataclasses.dataclass
@@ -65,15 +52,24 @@ class Datasets:
     max_length: int
     packing: bool
     pad_id: int
+    # The data cache of these splits (cache.DataCache), and what save_cache still has to write
+    # there: (train, eval, report without packing, drop lines), None once written or loaded.
+    cache: Any = None
+    unsaved: tuple | None = None
 
 
 def build_datasets(config, tokenizer, *, strict: bool = True, show: int = 0) -> Datasets:
-    """Read, validate, render and report data.train / data.eval.
+    """Read, validate, render and report data.train / data.eval, or load them from the data
+    cache (data.cache_dir) when it holds this data rendered with these settings.
 
     strict=True runs `check.refuse_to_train` on the report (a UserError when nothing is
     supervised or an assistant turn has no supervised end-of-turn token); the data-check CLI
     passes strict=False to write the report first, and show=N to keep the token kinds
     (answer / tool call / reasoning) of the first N training examples.
+
+    A fresh render is written to a cache outside run_dir at once; one inside run_dir (the
+    default) only by `save_cache`, which the caller runs once the start succeeded (a failed
+    start leaves run_dir as it was).
     """
     d = config.data
     max_length = int(d.max_length)
@@ -82,30 +78,73 @@ def build_datasets(config, tokenizer, *, strict: bool = True, show: int = 0) -> 
     if not readers.parse_sources(d.train):
         raise UserError("data.train is not set", where="config", hint="point it to a data file")
     opts = _render_options(d)
-    train, train_stats = _load_split(d.train, tokenizer, max_length, opts, show)
-    evals, eval_stats = None, None
-    if readers.parse_sources(d.get("eval", "")):
-        evals, eval_stats = _load_split(d.eval, tokenizer, max_length, opts)
-    data = Datasets(train, evals, {}, max_length, bool(d.packing), tokenizer_pad_id(tokenizer))
-    batch_size = int(config.train.batch_size)
-    data.report = check.build_report(
-        train_stats,
-        eval_stats,
-        packing_info(data, batch_size, int(config.train.seed)),
-        tokenizer=tokenizer,
+    if int(d.get("workers", 0)) < 0:
+        raise UserError(f"data.workers={d.workers}", where="config", hint="0 (cores) or more")
+    cache = cache_lib.DataCache.for_config(config, tokenizer, opts)
+    loaded = cache.load(show) if cache is not None else None
+    if loaded is not None:
+        train, evals, report = loaded.train, loaded.eval, loaded.report
+        drop_lines = loaded.drop_lines
+    else:
+        train, evals, report, drop_lines = _render(config, tokenizer, opts, show)
+    data = Datasets(
+        train, evals, {}, max_length, bool(d.packing), tokenizer_pad_id(tokenizer), cache
     )
-    _print_drops(train_stats, eval_stats, max_length)
+    if loaded is None and cache is not None:
+        data.unsaved = (train, evals, report, drop_lines)
+        if not cache.in_run_dir:
+            save_cache(data)
+    batch_size = int(config.train.batch_size)
+    data.report = json.loads(json.dumps(report))  # the caller adds to its own copy
+    data.report["train"]["packing"] = packing_info(data, batch_size, int(config.train.seed))
+    data.report["warnings"] = check.warnings_of(data.report)
+    _print_drops(drop_lines)
     if strict:
         check.refuse_to_train(data.report)
     return data
 
 
-def _print_drops(train_stats, eval_stats, max_length: int) -> None:
-    """One terminal line per split that lost examples to truncation (process 0 only)."""
+def _render(config, tokenizer, opts: dict, show: int):
+    """(train, eval, report without packing, drop lines) rendered from the data files."""
+    d, max_length = config.data, int(config.data.max_length)
+    workers = worker_count(d.get("workers", 0))
+    train, train_stats = load_split(d.train, tokenizer, max_length, opts, show, workers)
+    evals, eval_stats = None, None
+    if readers.parse_sources(d.get("eval", "")):
+        evals, eval_stats = load_split(d.eval, tokenizer, max_length, opts, 0, workers)
+    report = check.build_report(train_stats, eval_stats, {}, tokenizer=tokenizer)
+    del report["train"]["packing"]
+    report = json.loads(json.dumps(report))  # what a cache load gives back (lists, not tuples)
     lines = [check.no_target_line("train", train_stats, max_length)]
     if eval_stats is not None:
         lines.append(check.no_target_line("eval", eval_stats, max_length))
-    lines = [line for line in lines if line]
+    return train, evals, report, [line for line in lines if line]
+
+
+def save_cache(data: Datasets, *, required: bool = False) -> str | None:
+    """Write the data cache of a fresh render (no-op when it was loaded or is written): its
+    path, or None. A failed write is a warning (the cache only saves time) unless required
+    (`python -m jaxsft.data prepare`), then a UserError naming the directory."""
+    if data.cache is None or data.unsaved is None:
+        return data.cache.path if data.cache is not None else None
+    t0 = time.perf_counter()
+    try:
+        path = data.cache.save(*data.unsaved)
+    except OSError as e:
+        msg = f"cannot write the data cache: {e.strerror or e}"
+        if required:
+            raise UserError(msg, where=data.cache.root, hint="check data.cache_dir") from None
+        print(f"warning: {data.cache.root}: {msg}; the next start renders again", flush=True)
+        return None
+    data.unsaved = None
+    cache_lib._say(
+        f"data cache: wrote {path} (key {data.cache.key}) in {time.perf_counter() - t0:.1f}s"
+    )
+    return path
+
+
+def _print_drops(lines: list[str]) -> None:
+    """One terminal line per split that lost examples to truncation (process 0 only)."""
     if lines:
         import jax  # imported here: building data needs no jax
 
@@ -128,53 +167,6 @@ def _render_options(d) -> dict:
                 hint="use one of " + ", ".join(f'"{c}"' for c in choices),
             )
     return opts
-
-
-def _jobs(rows: list, turns: str) -> list[tuple]:
-    """(row, example, first of its row, last of its row) of every example to render."""
-    out = []
-    for row in rows:
-        exs = formats.turn_examples(row.example, turns)
-        out += [(row, ex, j == 0, j == len(exs) - 1) for j, ex in enumerate(exs)]
-    return out
-
-
-def _load_split(spec, tokenizer, max_length: int, opts: dict, keep_kinds: int = 0):
-    """Examples of a split and the per-example statistics the report needs."""
-    read = readers.read_rows(spec, opts["on_invalid"])
-    stats = check.SplitStats(read=read, on_drop=opts["on_drop"], turn_mode=opts["turns"])
-    ids, masks, where, source, kinds = [], [], [], [], []
-    jobs = _jobs(read.rows, opts["turns"])
-    for lo in range(0, len(jobs), RENDER_CHUNK):
-        chunk = jobs[lo : lo + RENDER_CHUNK]
-        rendered, errors = render_many(
-            tokenizer,
-            [ex for _, ex, _, _ in chunk],
-            max_length,
-            wheres=[row.where for row, *_ in chunk],
-            on_error="raise" if opts["on_invalid"] == "error" else "skip",
-            normalized=True,
-            on_drop=opts["on_drop"],
-        )
-        for j, reason in errors:
-            read.skipped.append({"where": chunk[j][0].where, "reason": reason})
-        for (row, _, first, last), out in zip(chunk, rendered, strict=True):
-            if out is None:
-                continue
-            stats.add(row, out, first=first, last=last)
-            if not out["loss_mask"].any():
-                continue  # no supervised token left (truncation): dropped, counted by stats
-            ids.append(out["input_ids"])
-            masks.append(out["loss_mask"])
-            where.append(row.where)
-            source.append(row.source)
-            if len(kinds) < keep_kinds:
-                kinds.append(out["kinds"])
-    if any(m.dtype.kind == "f" for m in masks):  # loss weights: one dtype for every batch
-        masks = [m.astype(np.float32) for m in masks]
-    weights = [s["weight"] for s in read.sources]
-    examples = Examples(ids, masks, where, np.asarray(source, np.int64), weights, kinds)
-    return examples, stats
 
 
 # --------------------------------------------------------------------------------------------

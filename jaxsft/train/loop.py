@@ -13,7 +13,7 @@ import jax
 from jaxsft import config as config_lib
 from jaxsft import metrics as metrics_lib
 from jaxsft import run_dir as rd
-from jaxsft.data import check
+from jaxsft.data import check, pipeline
 from jaxsft.errors import TrainingStopped, UserError, background_errors_to
 from jaxsft.evals import report
 from jaxsft.train.guard import NumericalGuard, StopRequest
@@ -60,7 +60,9 @@ def acquire_lock(run_dir) -> rd.RunLock:
 
 
 def write_run_files(config, start: Start):
-    """config.json, data_report.json and the config history (process 0, each atomically)."""
+    """config.json, data_report.json and the config history (process 0, each atomically);
+    the data cache when it lies in run_dir (every process: run_dir may be a host's own)."""
+    pipeline.save_cache(start.data)
     if jax.process_index() != 0:
         return
     rd.atomic_write(rd.path(config.run_dir, rd.CONFIG), config_lib.to_json(config))
