@@ -187,7 +187,8 @@ def load_hf(
     `dtype` is the compute dtype, `param_dtype` the dtype weights are held in. With a mesh,
     every parameter is placed with its logical-axis sharding; LoRA adapters (if `lora`) are
     freshly initialised (A uniform, B zero, as PEFT does). `options` go to the Transformer
-    (remat="none"|"full"|"dots", attention_impl="auto"|"xla"|"cudnn", unroll=1).
+    (remat="none"|"full"|"dots", unroll=1, and attention_impl: one of model.attention's
+    values, "auto"|"xla"|"cudnn"|"pallas_gpu"|"splash").
     """
     path = os.fspath(path)
     cfg = ModelConfig.from_hf(path)
