@@ -15,7 +15,7 @@ from test_data_pipeline import _words, write_jsonl
 from tokenizers_fixture import make_tokenizer, tokenizer_dir
 
 from jaxsft.data import cache as cache_lib
-from jaxsft.data import pipeline, render
+from jaxsft.data import pipeline, splits
 from jaxsft.errors import UserError
 
 try:
@@ -226,13 +226,13 @@ def gemma(tmp_path_factory):
 
 def test_workers_render_the_same_bytes_and_errors(tmp_path, gemma, monkeypatch):
     # gemma2's template refuses system messages: a render-time row error in every 7th row
-    monkeypatch.setattr(render, "RENDER_CHUNK", 16)  # 48 rows: three worker tasks
-    monkeypatch.setattr(render, "MIN_TASKS_PER_WORKER", 1)
+    monkeypatch.setattr(splits, "RENDER_CHUNK", 16)  # 48 rows: three worker tasks
+    monkeypatch.setattr(splits, "MIN_TASKS_PER_WORKER", 1)
     train = write_jsonl(tmp_path / "train.jsonl", rows(48, system_every=7)[1:])
     pools = []
-    get_context = render.multiprocessing.get_context
+    get_context = splits.multiprocessing.get_context
     monkeypatch.setattr(
-        render.multiprocessing, "get_context", lambda m: pools.append(m) or get_context(m)
+        splits.multiprocessing, "get_context", lambda m: pools.append(m) or get_context(m)
     )
     built = []
     for workers in (1, 2):
@@ -295,3 +295,12 @@ def test_the_key_ignores_where_the_tokenizer_lies(tmp_path_factory, tmp_path):
     assert cache_key.tokenizer_digest(a) == cache_key.tokenizer_digest(b)
     b.chat_template += " "
     assert cache_key.tokenizer_digest(a) != cache_key.tokenizer_digest(b)
+
+
+def test_the_public_render_stays_the_function():
+    """jaxsft.data.render is the public rendering function: no submodule of jaxsft.data may
+    take its name (importing it would replace the attribute)."""
+    import jaxsft.data
+    from jaxsft.data import cache, cache_key, check, splits  # noqa: F401
+
+    assert callable(jaxsft.data.render) and jaxsft.data.render.__module__ == "jaxsft.data.chat"

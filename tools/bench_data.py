@@ -40,15 +40,15 @@ def timed(fn, *args):
 
 
 def bench(tok, name: str, train: str, workers: list[int], tmp: str) -> list[dict]:
-    from jaxsft.data import cache_key, pipeline, render
+    from jaxsft.data import cache_key, pipeline, splits
 
-    render.MIN_TASKS_PER_WORKER = 1  # measure the workers even where they do not pay off
+    splits.MIN_TASKS_PER_WORKER = 1  # measure the workers even where they do not pay off
     rows = []
     for w in workers:
         cache_dir = os.path.join(tmp, f"cache_{name}_{w}")
         c = config(train, cache_dir, w)
         opts = pipeline._render_options(c.data)
-        (ex, _), render_s = timed(render.load_split, train, tok, 1024, opts, 0, w)
+        (ex, _), render_s = timed(splits.load_split, train, tok, 1024, opts, 0, w)
         _, key_s = timed(cache_key.components, c, tok, opts)
         cold, cold_s = timed(pipeline.build_datasets, c, tok)
         warm, warm_s = timed(pipeline.build_datasets, c, tok)

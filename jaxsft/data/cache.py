@@ -37,7 +37,7 @@ import uuid
 import numpy as np
 
 from jaxsft.data import cache_key
-from jaxsft.data.render import Examples
+from jaxsft.data.splits import Examples
 
 DEFAULT_DIR = "data_cache"  # under run_dir
 SPLITS = ("train", "eval")

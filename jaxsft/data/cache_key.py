@@ -33,7 +33,7 @@ CODE_MODULES = (
     "formats",
     "listing",
     "readers",
-    "render",
+    "splits",
     "spans",
 )
 # tokenizer init options that name files or directories (they differ between hosts), or hold

@@ -5,7 +5,7 @@
     n = steps_per_epoch(data, config)                # optimizer steps in one epoch
     for batch in eval_iterator(data, config): ...    # one pass, fixed order
 
-Every example is rendered and tokenized once, up front (render.py: in data.workers processes),
+Every example is rendered and tokenized once, up front (splits.py: in data.workers processes),
 and kept in memory; the rendered splits and their report go to the data cache (cache.py), which
 later starts, other hosts and `python -m jaxsft.data check` load instead of rendering. Examples
 that keep no supervised token after truncation are dropped and counted. Each epoch e is planned from
@@ -35,7 +35,7 @@ import numpy as np
 
 from jaxsft.data import cache as cache_lib
 from jaxsft.data import check, formats, packing, readers
-from jaxsft.data.render import RENDER_CHUNK, Examples, load_split, worker_count
+from jaxsft.data.splits import RENDER_CHUNK, Examples, load_split, worker_count
 from jaxsft.errors import UserError
 from jaxsft.tokenizer import pad_id as tokenizer_pad_id
 

@@ -119,7 +119,7 @@ def _render(tokenizer, tasks: list[tuple], workers: int):
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload(["jaxsft.data.render"])
+        ctx.set_forkserver_preload(["jaxsft.data.splits"])
     with ctx.Pool(n, initializer=_init_worker, initargs=(tokenizer,)) as pool:
         for result, error in pool.imap(_worker_task, tasks):
             if error is not None:
