@@ -127,6 +127,7 @@ def train(graphdef, params, frozen, batch, steps: int):
     return state
 
 
+@pytest.mark.slow  # ~30 s of compiles
 def test_train_moves_adapters_and_router_only(hf_checkpoints, tmp_path):
     targets = ("q_proj", "gate_proj", "up_proj", "down_proj")
     lora = LoraConfig(rank=2, alpha=4.0, targets=targets, train_router=True)

@@ -143,6 +143,7 @@ def results(hf_checkpoints):
     return run_script(SCRIPT, json.dumps(paths), json.dumps(LAYER_MESHES), timeout=900)
 
 
+@pytest.mark.slow  # the 8-device subprocess behind `results` takes ~80 s
 def test_layer_routing_is_uneven(results):
     """The layer's routing exercises the hard cases: an expert with no token, and one that
     gets many (a whole device's tokens), so send and receive counts differ per device."""
@@ -150,6 +151,7 @@ def test_layer_routing_is_uneven(results):
     assert counts[5] == 0 and counts[6] >= 8 and sum(counts) == 64 * 2, counts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_name", list(LAYER_MESHES))
 def test_layer_and_gradients_equal_one_device(results, mesh_name):
     r = results[f"layer/{mesh_name}"]
@@ -157,6 +159,7 @@ def test_layer_and_gradients_equal_one_device(results, mesh_name):
     assert r["max_rel_err"] <= 1e-5, r
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_on_expert4_fsdp2_equals_one_device(results, family):
     r = results[f"train/{family}"]
