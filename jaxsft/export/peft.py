@@ -251,10 +251,11 @@ def export_peft(
 
 
 @jax.jit
-def _add_lora(w, a, b, scale):
-    """w [L, in, out] + scale * a [L, in, r] @ b [L, r, out], in float32."""
+def add_lora(w, a, b, scale):
+    """w [..., in, out] + scale * a [..., in, r] @ b [..., r, out], in float32 (the leading
+    axes: layers, or layers and experts)."""
     delta = jnp.einsum(
-        "lir,lro->lio",
+        "...ir,...ro->...io",
         a.astype(jnp.float32),
         b.astype(jnp.float32),
         precision=jax.lax.Precision.HIGHEST,
@@ -297,7 +298,7 @@ def merge_adapter(model: nnx.Module, cfg: ModelConfig, adapter_dir) -> None:
                         f"{a.shape} x {b.shape}, the kernel is {var.shape}"
                     )
                 w = var[...]
-                var.set_value(jax.device_put(_add_lora(w, a, part, scale), w.sharding))
+                var.set_value(jax.device_put(add_lora(w, a, part, scale), w.sharding))
         peft_moe.merge(model, config, f, unused, adapter_dir)
     if unused:
         raise ExportCheckError(f"{adapter_dir}: unexpected adapter tensors {sorted(unused)[:3]}")

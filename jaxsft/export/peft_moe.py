@@ -132,21 +132,11 @@ def _pattern(patterns: dict, key: str, default):
     return default
 
 
-@jax.jit
-def _add_expert_lora(w, a, b, scale):
-    """w [L, E, in, out] + scale * a [L, E, in, R] @ b [L, E, R, out], in float32."""
-    delta = jnp.einsum(
-        "leir,lero->leio",
-        a.astype(jnp.float32),
-        b.astype(jnp.float32),
-        precision=jax.lax.Precision.HIGHEST,
-    )
-    return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
-
-
 def merge(model: nnx.Module, config: dict, f, unused: set, adapter_dir) -> None:
     """Fold the MoE parts of a PEFT adapter (target_parameters, modules_to_save) into a jaxsft
     model, reading them as peft does; the keys read leave `unused`."""
+    from jaxsft.export.peft import add_lora  # peft imports this module
+
     targets = [t for t in config.get("target_parameters") or () if t in PARTS]
     experts, L = experts_of(model), model.cfg.num_layers
     for target in targets:
@@ -169,7 +159,7 @@ def merge(model: nnx.Module, config: dict, f, unused: set, adapter_dir) -> None:
             if a.shape[:3] != var.shape[:3] or part.shape[-1] != rows:
                 raise ExportCheckError(f"{adapter_dir}: {keys[0]} does not fit {var.shape}")
             w = var[...]
-            var.set_value(jax.device_put(_add_expert_lora(w, a, part, scale), w.sharding))
+            var.set_value(jax.device_put(add_lora(w, a, part, scale), w.sharding))
         if lo != b.shape[-1]:
             raise ExportCheckError(f"{adapter_dir}: {keys[0]}lora_B has {b.shape[-1]} rows")
     if ROUTER in (config.get("modules_to_save") or ()):
