@@ -35,8 +35,8 @@ def make_loss_fn(
     with router_aux > 0 the objective gains router_aux x balance loss x supervised tokens of
     this (micro-)batch, so that after the one division by the global token count it weighs as
     the main loss does. The load fractions f of the balance loss carry no gradient; a batch
-    that holds `router_load` (the global batch's f [E], from make_router_load_fn) with
-    `router_rows` and `supervised_total` uses them instead of its own, so that the terms of
+    that holds `router_counts` and `router_rows` (the global batch's, from make_router_load_fn)
+    and `supervised_total` takes its f from them instead of its own, so that the terms of
     the micro-batches of a step add up to the global batch's balance loss and its gradient."""
 
     def loss_fn(params, frozen, ref, batch):
@@ -67,10 +67,9 @@ def make_loss_fn(
             sums.update(
                 expert_counts=stats.counts, expert_probs=stats.prob_sums, router_rows=stats.rows
             )
-            if router_aux and "router_load" in batch:  # this micro-batch's share of the global
-                E = stats.prob_sums.shape[0]
-                share = jnp.sum(batch["router_load"] * stats.prob_sums) / batch["router_rows"]
-                aux = E * share * batch["supervised_total"]
+            if router_aux and "router_counts" in batch:  # its share of the global batch's
+                share = moe.LoadStats(batch["router_counts"], stats.prob_sums, batch["router_rows"])
+                aux = moe.balance_loss(share) * batch["supervised_total"]
                 sums["objective_sum"] = sums["objective_sum"] + router_aux * aux
             elif router_aux:
                 aux = moe.balance_loss(stats) * sums["count"]
@@ -99,8 +98,7 @@ def make_router_load_fn(graphdef):
         E = model.cfg.num_experts
         zero = (moe.LoadStats(jnp.zeros(E), jnp.zeros(E), jnp.zeros(())), jnp.zeros(()))
         (stats, total), _ = jax.lax.scan(stats_of, zero, mbs)
-        rows = jnp.maximum(stats.rows, 1.0)
-        return {"router_load": stats.counts / rows, "router_rows": rows, "supervised_total": total}
+        return {"router_counts": stats.counts, "router_rows": stats.rows, "supervised_total": total}
 
     return router_load
 
