@@ -47,6 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_length = 2048
     # Pack several examples per row (best-fit-decreasing, segment-isolated attention).
     c.data.packing = True
+    # Length of an epoch of a weighted mixture: "sum" has as many examples as all sources
+    # together (a source whose share is larger than itself is repeated); "first" ends when the
+    # first source is used up at its share (no example repeats within an epoch).
+    c.data.mix_epoch = "sum"
     # "error": an invalid row stops the start naming file and line; "skip": drop and report it.
     c.data.on_invalid = "error"
     # When the chat template silently leaves out something a row has: "auto" refuses the row

@@ -1,5 +1,11 @@
 """orbax checkpoints of a run: train state (trainable params, optimizer, step, RNG) and the
-grain iterator position, async, keep-N, restored into the current mesh's shardings.
+data position, async, keep-N, restored into the current mesh's shardings.
+
+The data position is the training iterator's state ({"epoch", "step", "examples"}: global
+batch `step` of epoch `epoch` is next), a global quantity saved once as a JSON item, so a run
+saved by N hosts resumes on any number of hosts at the same global batch (each host then
+takes its own rows of it). Checkpoints of earlier versions hold grain's per-process files
+instead; they are read too.
 
 The frozen base of a LoRA run is not saved: it is the unchanged checkpoint at model.path.
 At resume each candidate is validated, newest first (orbax's commit markers, readable
@@ -19,6 +25,7 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from jaxsft import run_dir as rd
 
@@ -86,10 +93,8 @@ class Checkpointer:
         """Start an (async) save of `step`; a failed write (this one or the previous async
         one) raises WriteFailed (exit 4) and leaves the earlier checkpoints as they were."""
         items = {"state": ocp.args.StandardSave(state)}
-        if data_iter is not None:
-            import grain
-
-            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        if data_iter is not None:  # one JSON file, written by the primary host
+            items["data"] = ocp.args.JsonSave(data_iter.get_state())
         with self._writes():
             self.check_space(step, state)
             return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -162,11 +167,14 @@ class Checkpointer:
         the data iterator is moved to the saved position in place."""
         abstract = jax.tree.map(_abstract, target_state)
         items = {"state": ocp.args.StandardRestore(abstract)}
+        data_dir = epath.Path(checkpoint_dir(self.run_dir)) / str(step) / "data"
+        json_item = data_iter is not None and (data_dir / "metadata").exists()
+        if json_item:
+            items["data"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         if data_iter is not None:
-            import grain
-
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+            data_iter.set_state(restored["data"] if json_item else _grain_position(data_dir))
+        return restored["state"]
 
     def wait(self):
         with self._writes():
@@ -192,6 +200,16 @@ def _write_failures(where):
         if cause is None and "No space left" not in str(e):
             raise
         raise rd.write_failed(cause or OSError(errno.ENOSPC, "No space left"), where) from None
+
+
+def _grain_position(data_dir) -> dict:
+    """The data position of a checkpoint written before it was one JSON item: grain's
+    per-process files (process_I-of-N.json). The position they hold is global (the same on
+    every host), so any one of them serves any number of hosts."""
+    files = sorted(data_dir.glob("process_*-of-*.json"))
+    if not files:
+        raise FileNotFoundError(f"{data_dir} holds no data position")
+    return json.loads(files[0].read_text())
 
 
 def _abstract(x):

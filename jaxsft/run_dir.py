@@ -224,16 +224,22 @@ def is_free(key: str) -> bool:
     return any(key == f or key.startswith(f + ".") for f in FREE_KEYS)
 
 
-def config_changes(old, new) -> dict[str, tuple]:
-    """{key: (old value, new value)} for every key that differs (absent keys: None)."""
+def config_changes(old, new, defaults=None) -> dict[str, tuple]:
+    """{key: (old value, new value)} for every key that differs (absent keys: None). A key the
+    old config lacks (it was written by an earlier version) counts as its value in `defaults`:
+    a new key's default keeps the behaviour of the versions before it."""
     a, b = flatten(old), flatten(new)
+    if defaults is not None:
+        a = {**{k: v for k, v in flatten(defaults).items() if k in b}, **a}
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def resume_changes(old, new, *, step: int, allow: bool, where: str) -> dict[str, tuple]:
+def resume_changes(
+    old, new, *, step: int, allow: bool, where: str, defaults=None
+) -> dict[str, tuple]:
     """The changes of a resumed run's config; UserError listing the trajectory-changing ones
     unless `allow`."""
-    changes = config_changes(old, new)
+    changes = config_changes(old, new, defaults)
     refused = {k: v for k, v in changes.items() if not is_free(k)}
     if refused and not allow:
         lines = "\n".join(f"    {k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
@@ -249,7 +255,10 @@ def resume_changes(old, new, *, step: int, allow: bool, where: str) -> dict[str,
 
 def data_fingerprint(examples) -> str:
     """sha256 over the rendered training examples (ids, masks, mixture), in file order: the same
-    files, tokenizer, template and data.* keys give the same fingerprint."""
+    files, tokenizer, template and data.* keys give the same fingerprint. Examples loaded from
+    the data cache carry the fingerprint computed when the cache was written."""
+    if getattr(examples, "fingerprint", None):
+        return examples.fingerprint
     h = hashlib.sha256()
     for ids, mask in zip(examples.input_ids, examples.loss_mask, strict=True):
         h.update(len(ids).to_bytes(8, "little"))

@@ -72,7 +72,7 @@ def assert_same(a: pipeline.Datasets, b: pipeline.Datasets):
     for x, y in ((a.train, b.train), (a.eval, b.eval)):
         if x is None:
             continue
-        assert len(x) == len(y) and x.where == y.where and x.weights == y.weights
+        assert len(x) == len(y) and list(x.where) == list(y.where) and x.weights == y.weights
         assert x.source.dtype == y.source.dtype and np.array_equal(x.source, y.source)
         for field in ("input_ids", "loss_mask", "kinds"):
             u, v = getattr(x, field), getattr(y, field)
@@ -304,3 +304,28 @@ def test_the_public_render_stays_the_function():
     from jaxsft.data import cache, cache_key, check, splits  # noqa: F401
 
     assert callable(jaxsft.data.render) and jaxsft.data.render.__module__ == "jaxsft.data.chat"
+
+
+def test_temp_dirs_of_killed_renders_on_this_host_are_removed(tmp_path, files, tok):
+    import socket
+    import subprocess
+    import sys
+
+    c = make_config(tmp_path, *files)
+    root = c.data.cache_dir
+    os.makedirs(root)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    host = socket.gethostname()
+    dead = f".tmp-{'a' * 20}-{host}-{int(gone.stdout)}-0badc0de"
+    alive = f".tmp-{'a' * 20}-{host}-{os.getpid()}-0badc0de"  # a render still writing
+    other = f".tmp-{'a' * 20}-elsewhere-{int(gone.stdout)}-0badc0de"  # another host's
+    older = f".tmp-{'a' * 20}-999-deadbeef"  # no host in the name: not ours to judge
+    for name in (dead, alive, other, older):
+        os.makedirs(os.path.join(root, name, "x"))
+    data = pipeline.build_datasets(c, tok)
+    assert sorted(os.listdir(root)) == sorted([data.cache.key, alive, other, older])

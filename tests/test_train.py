@@ -321,6 +321,7 @@ def test_run_dir_files(demo_assets, tmp_path):
         "step_time_s",
         "mfu",
         "mean_token_accuracy",
+        "data_wait_s",
     ):
         assert key in step_rows[0], key
     assert any("eval_loss" in r for r in rows)

@@ -4,6 +4,7 @@ report + cache write) and warm (cache load) build_datasets, on tools/make_synthe
 output. Prints a table and BENCH_DATA {json}.
 
     python tools/bench_data.py [--n 10000] [--workers 1,2] [--templates chatml,llama3]
+        [--on-invalid skip]   (Gemma's templates refuse the synthetic tool turns)
 
 Tokenizers are the test fixtures' (tests/tokenizers_fixture.py: small BPE vocabularies with
 the real templates of each family), or --model DIR for a real checkpoint's tokenizer.
@@ -23,10 +24,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 
+ON_INVALID = "error"  # --on-invalid: "skip" for templates that refuse some synthetic rows
+
+
 def config(train: str, cache_dir: str, workers: int):
     from jaxsft.configs.base import get_config
 
     c = get_config()
+    c.data.on_invalid = ON_INVALID
     c.run_dir = os.path.join(cache_dir, "run")
     c.data.train, c.data.max_length, c.data.cache_dir = train, 1024, cache_dir
     c.data.workers = workers
@@ -61,6 +66,7 @@ def bench(tok, name: str, train: str, workers: list[int], tmp: str) -> list[dict
                 "template": name,
                 "workers": w,
                 "examples": len(ex),
+                "dropped": cold.report["train"]["dropped"]["count"],
                 "tokens": int(ex.lengths.sum()),
                 "render_s": round(render_s, 2),
                 "render_examples_per_s": round(len(ex) / render_s),
@@ -80,7 +86,10 @@ def main():
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--templates", default="chatml")
     ap.add_argument("--model", default="", help="a checkpoint dir whose tokenizer to use")
+    ap.add_argument("--on-invalid", default="error", choices=["error", "skip"])
     args = ap.parse_args()
+    global ON_INVALID
+    ON_INVALID = args.on_invalid
     workers = [int(x) for x in args.workers.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         train = os.path.join(tmp, "train.jsonl")

@@ -113,6 +113,19 @@ def generate(n: int, seed: int) -> list[dict]:
     return rows
 
 
+CHUNK = 100_000  # rows generated at a time for large --n (duplicates are drawn within one)
+
+
+def generate_chunks(n: int, seed: int):
+    """`generate(n, seed)` for n <= CHUNK; beyond, chunks of CHUNK rows with seeds seed, seed +
+    1, ... (so a million rows never sit in memory at once)."""
+    if n <= CHUNK:
+        yield generate(n, seed)
+        return
+    for k, lo in enumerate(range(0, n, CHUNK)):
+        yield generate(min(CHUNK, n - lo), seed + 7919 * k)
+
+
 def write_jsonl(path: str, rows: list[dict]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -220,9 +233,13 @@ def main() -> None:
     args = p.parse_args()
     if args.tools:
         return main_tools(args)
-    rows = generate(args.n, args.seed)
-    write_jsonl(args.out, rows)
-    print(f"wrote {len(rows)} rows to {args.out}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    written = 0
+    with open(args.out, "w") as f:
+        for rows in generate_chunks(args.n, args.seed):
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+            written += len(rows)
+    print(f"wrote {written} rows to {args.out}")
     if args.eval_out:
         rng = random.Random(args.seed + 1)
         evals = generate(args.n_eval, args.seed + 1)

@@ -17,8 +17,9 @@ Layout of `<data.cache_dir>/<key>/` (data.cache_dir "" means `<run_dir>/data_cac
 
 ArrayRecord (grain.sources.ArrayRecordDataSource reads it) gives random access by example
 index, so a host can later read only the examples of its shard. A cache is written into
-`.tmp-<key>-...` beside its final name and renamed when complete: a killed render leaves only
-a temp dir, which is never read; two hosts writing the same key race on the rename and the
+`.tmp-<key>-<host>-<pid>-...` beside its final name and renamed when complete: a killed render
+leaves only a temp dir, which is never read and which the next save on that host removes once
+its process is gone; two hosts writing the same key race on the rename and the
 loser discards its copy. A cache whose files do not match the manifest is moved aside
 (`<key>.corrupt-<time>`) with a warning and rendered again.
 """
@@ -29,13 +30,16 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
 import struct
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 
 import numpy as np
 
+from jaxsft import run_dir as rd
 from jaxsft.data import cache_key
 from jaxsft.data.splits import Examples
 
@@ -80,33 +84,60 @@ def decode_example(record: bytes) -> dict:
 
 class CachedSplit:
     """Random access to the examples of one cached split: `split[i]` is decode_example's
-    dict; `lengths` and `source` are the small per-example index arrays."""
+    dict; `lengths` and `source` are the small per-example index arrays, the only ones held
+    in memory. `column(name)` is a sequence view of one field (what `Examples` holds)."""
 
-    def __init__(self, directory: str, split: str):
+    def __init__(self, directory: str, split: str, float_mask: bool = False):
         self.path = os.path.join(directory, f"{split}.array_record")
         self.lengths = np.load(os.path.join(directory, f"{split}.lengths.npy"))
         self.source = np.load(os.path.join(directory, f"{split}.source.npy"))
+        self.float_mask = float_mask  # loss weights: every mask as float32
+        self.reads = 0  # records decoded (tests check that a host reads only its shard)
         self._source = None
+        self._last = (-1, None)  # the last decoded record: ids and mask of one row read once
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"example {i} of {len(self)}")
+        i %= len(self)
+        if self._last[0] == i:
+            return self._last[1]
         if self._source is None:
             import grain
 
             self._source = grain.sources.ArrayRecordDataSource([self.path])
-        return decode_example(self._source[int(i)])
+        ex = decode_example(self._source[i])
+        if self.float_mask:
+            ex["loss_mask"] = ex["loss_mask"].astype(np.float32)
+        self.reads += 1
+        self._last = (i, ex)
+        return ex
 
-    def read_all(self) -> list[bytes]:
-        """Every record, in order (one sequential read)."""
-        from array_record.python import array_record_module as arm
+    def column(self, name: str) -> Column:
+        return Column(self, name)
 
-        reader = arm.ArrayRecordReader(self.path)
-        try:
-            return reader.read_all()
-        finally:
-            reader.close()
+    def __getstate__(self):  # the reader is reopened after pickling (worker processes)
+        return {**self.__dict__, "_source": None, "_last": (-1, None)}
+
+
+class Column(Sequence):
+    """One field ("input_ids", "loss_mask", "where") of every example of a cached split, read
+    from disk when indexed."""
+
+    def __init__(self, split: CachedSplit, name: str):
+        self.split, self.name = split, name
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.split[i][self.name]
 
 
 @dataclasses.dataclass
@@ -186,22 +217,19 @@ class DataCache:
             report = json.load(f)
         splits = {}
         for split, info in meta["splits"].items():
-            cached = CachedSplit(self.path, split)
-            rows = [decode_example(r) for r in cached.read_all()]
-            if len(rows) != info["examples"] or len(cached) != len(rows):
-                raise ValueError(f"{split}: {len(rows)} records for {info['examples']} examples")
-            masks = [r["loss_mask"] for r in rows]
-            if info["mask_dtype"] == "float32":
-                masks = [m.astype(np.float32) for m in masks]
-            splits[split] = Examples(
-                [r["input_ids"] for r in rows],
-                masks,
-                [r["where"] for r in rows],
-                cached.source.astype(np.int64),
-                info["weights"],
-                [r["kinds"] for r in rows[:keep_kinds]] if split == "train" else [],
+            splits[split] = open_split(
+                self.path, split, info, keep_kinds if split == "train" else 0
             )
         return Loaded(splits["train"], splits.get("eval"), report, meta["drop_lines"])
+
+    def reopen(self, split: str, examples: Examples) -> Examples:
+        """The examples of a split just written, as views of the cache (the rendered copy in
+        memory can go); the kinds kept for --show stay."""
+        with open(os.path.join(self.path, "meta.json")) as f:
+            info = json.load(f)["splits"][split]
+        out = open_split(self.path, split, info, 0)
+        out.kinds = examples.kinds
+        return out
 
     def _why_miss(self) -> str:
         newest, when = None, -1.0
@@ -243,7 +271,9 @@ class DataCache:
         """Write the cache (temp dir + rename-if-absent) and return its path; None when another
         writer got there first is not a failure (its copy is returned). OSError propagates."""
         os.makedirs(self.root, exist_ok=True)
-        tmp = os.path.join(self.root, f".tmp-{self.key}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        remove_dead_temps(self.root)
+        name = f".tmp-{self.key}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = os.path.join(self.root, name)
         os.mkdir(tmp)
         try:
             self._write(tmp, train, evals, report, drop_lines)
@@ -279,6 +309,7 @@ class DataCache:
             np.save(os.path.join(tmp, f"{split}.source.npy"), np.asarray(ex.source, np.int32))
             float_mask = any(m.dtype == np.float32 for m in ex.loss_mask)
             info[split] = {
+                "fingerprint": rd.data_fingerprint(ex),
                 "examples": len(ex),
                 "tokens": int(ex.lengths.sum()),
                 "mask_dtype": "float32" if float_mask else "int32",
@@ -291,6 +322,62 @@ class DataCache:
         files = sorted(os.listdir(tmp))
         digests = {n: cache_key.file_digest(os.path.join(tmp, n)) for n in files}
         _write_json(os.path.join(tmp, "manifest.json"), {"key": self.key, "files": digests})
+
+
+def remove_dead_temps(root: str) -> list[str]:
+    """Remove the temp dirs (`.tmp-<key>-<host>-<pid>-<id>`) that renders on this host left
+    when they were killed: their process is gone. Another host's, or a live process's, are left
+    alone (a render there may still be writing). Returns the names removed."""
+    host, removed = socket.gethostname(), []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return removed
+    for name in names:
+        parts = name.rsplit("-", 2)
+        if not name.startswith(".tmp-") or len(parts) != 3 or not parts[1].isdigit():
+            continue
+        prefix, pid = parts[0], int(parts[1])
+        if not prefix.endswith(f"-{host}") or prefix.count("-") < 2 or _alive(pid):
+            continue
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def open_split(directory: str, split: str, info: dict, keep_kinds: int) -> Examples:
+    """Examples of a cached split whose token columns stay on disk: only the lengths and
+    sources are read now (and the kinds of the first keep_kinds examples, for --show)."""
+    cached = CachedSplit(directory, split, float_mask=info["mask_dtype"] == "float32")
+    from array_record.python import array_record_module as arm
+
+    reader = arm.ArrayRecordReader(cached.path)
+    try:
+        records = reader.num_records()
+    finally:
+        reader.close()
+    if not records == len(cached) == info["examples"] == len(cached.source):
+        raise ValueError(f"{split}: {records} records for {info['examples']} examples")
+    return Examples(
+        cached.column("input_ids"),
+        cached.column("loss_mask"),
+        cached.column("where"),
+        cached.source.astype(np.int64),
+        info["weights"],
+        [cached[i]["kinds"] for i in range(min(keep_kinds, len(cached)))],
+        known_lengths=cached.lengths.astype(np.int64),
+        fingerprint=info.get("fingerprint"),
+    )
 
 
 def resolve_dir(config) -> str:

@@ -7,7 +7,7 @@ Arrays follow docs/architecture.md: input_ids, loss_mask, segment_ids (1.. per e
 
 from __future__ import annotations
 
-import bisect
+import heapq
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,8 +18,10 @@ def pack_bfd(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
     Examples are placed longest first (a stable sort, so equal lengths keep their input order:
     shuffle the input to vary the rows); each goes into the open row with the least room that
-    still fits it, ties to the oldest row, else into a new row. O(n log n) searches over a
-    sorted list of (room, row) keys.
+    still fits it, ties to the oldest row, else into a new row. The open rows are kept in one
+    min-heap of row ids per room (0 < room < capacity) and a bit set of the rooms that have
+    any (a Python int: bit r is set while some row has room r), so finding the best row is a
+    shift and a lowest-set-bit, and placing n examples is O(n log n) for any number of rows.
     """
     lengths = np.asarray(lengths, np.int64)
     if lengths.size and (lengths.max() > capacity or lengths.min() <= 0):
@@ -28,19 +30,26 @@ def pack_bfd(lengths: Sequence[int], capacity: int) -> list[list[int]]:
         )
     order = np.argsort(-lengths, kind="stable")
     rows: list[list[int]] = []
-    keys: list[int] = []  # room * R + row id, sorted; R > any row id
-    big = len(lengths) + 1
-    for i in order.tolist():
-        n = int(lengths[i])
-        k = bisect.bisect_left(keys, n * big)
-        if k < len(keys):
-            room, r = divmod(keys.pop(k), big)
+    by_room: dict[int, list[int]] = {}  # room -> heap of the row ids with that room
+    rooms = 0  # bit r set: by_room[r] is not empty
+    for i, n in zip(order.tolist(), lengths[order].tolist(), strict=True):
+        fits = rooms >> n
+        if fits:
+            room = n + (fits & -fits).bit_length() - 1  # the least room >= n
+            heap = by_room[room]
+            r = heapq.heappop(heap)
+            if not heap:
+                rooms ^= 1 << room
             rows[r].append(i)
         else:
             room, r = capacity, len(rows)
             rows.append([i])
-        if room - n > 0:
-            bisect.insort(keys, (room - n) * big + r)
+        left = room - n
+        if left > 0:
+            heap = by_room.setdefault(left, [])
+            if not heap:
+                rooms |= 1 << left
+            heapq.heappush(heap, r)
     return rows
 
 
@@ -64,11 +73,15 @@ def build_rows(
     loss_mask: Sequence[np.ndarray],
     capacity: int,
     pad_id: int = 0,
+    weighted: bool | None = None,
 ) -> dict[str, np.ndarray]:
-    """Arrays [len(rows), capacity] for the given rows; an empty row is all padding."""
+    """Arrays [len(rows), capacity] for the given rows; an empty row is all padding.
+
+    loss_mask is int32 0/1, or float32 loss weights (`weighted`, by default the dtype of the
+    first example's mask): one dtype for every batch of a split, whatever its rows hold."""
     b = len(rows)
-    # int32 0/1, or float32 loss weights: the dtype of the examples' masks, whatever the rows
-    weighted = len(loss_mask) and np.asarray(loss_mask[0]).dtype.kind == "f"
+    if weighted is None:
+        weighted = bool(len(loss_mask)) and np.asarray(loss_mask[0]).dtype.kind == "f"
     mask_dtype = np.float32 if weighted else np.int32
     out = {
         "input_ids": np.full((b, capacity), pad_id, np.int32),

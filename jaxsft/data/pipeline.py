@@ -5,20 +5,24 @@
     n = steps_per_epoch(data, config)                # optimizer steps in one epoch
     for batch in eval_iterator(data, config): ...    # one pass, fixed order
 
-Every example is rendered and tokenized once, up front (splits.py: in data.workers processes),
-and kept in memory; the rendered splits and their report go to the data cache (cache.py), which
-later starts, other hosts and `python -m jaxsft.data check` load instead of rendering. Examples
-that keep no supervised token after truncation are dropped and counted. Each epoch e is planned from
-(train.seed, e) alone: the mixture draw (readers.mixture_epoch), a shuffle, best-fit-decreasing
+Every example is rendered and tokenized once (splits.py: in data.workers processes) and
+written to the data cache (cache.py); later starts, other hosts and `python -m jaxsft.data
+check` load the cache instead of rendering. Examples that keep no supervised token after
+truncation are dropped and counted. Once the cache is written or loaded, a host holds only
+the per-example lengths and mixture sources in memory; the tokens of an example are read from
+the cache when a row of this host needs them.
+
+Each epoch e is planned from (train.seed, e) and the lengths alone, identically on every host:
+the mixture draw (readers.mixture_epoch, data.mix_epoch), a shuffle, best-fit-decreasing
 packing of the shuffled examples (or one example per row) and a shuffle of the rows. The rows
 are cut into global batches of train.batch_size rows; the last batch of an epoch is filled
 with empty rows (all padding, loss_mask 0) so that every example is seen exactly once per
-epoch. Host p of P gets rows [p*B/P, (p+1)*B/P) of each global batch. Every host renders the
-whole data set (or loads it from the cache) and computes the same plan, so no communication
-is needed.
+epoch. Host p of P builds rows [p*B/P, (p+1)*B/P) of each global batch, reading only their
+examples; no communication is needed.
 
-The iterator state is {"epoch", "step"}: `grain.checkpoint.CheckpointSave(iterator)` and
-`CheckpointRestore` resume exactly at the next batch.
+The iterator state {"epoch", "step", "examples"} (global batch `step` of epoch `epoch` is
+next) is global: checkpoint.py saves it once, and a run resumes at the same global batch on
+any number of hosts.
 """
 
 from __future__ import annotations
@@ -52,10 +56,12 @@ class Datasets:
     max_length: int
     packing: bool
     pad_id: int
+    mix_epoch: str = "sum"  # data.mix_epoch
     # The data cache of these splits (cache.DataCache), and what save_cache still has to write
     # there: (train, eval, report without packing, drop lines), None once written or loaded.
     cache: Any = None
     unsaved: tuple | None = None
+    plans: dict = dataclasses.field(default_factory=dict)  # (seed, epoch) -> epoch_rows
 
 
 def build_datasets(config, tokenizer, *, strict: bool = True, show: int = 0) -> Datasets:
@@ -78,6 +84,13 @@ def build_datasets(config, tokenizer, *, strict: bool = True, show: int = 0) -> 
     if not readers.parse_sources(d.train):
         raise UserError("data.train is not set", where="config", hint="point it to a data file")
     opts = _render_options(d)
+    mix_epoch = d.get("mix_epoch", "sum")
+    if mix_epoch not in readers.MIX_EPOCHS:
+        raise UserError(
+            f"data.mix_epoch={mix_epoch!r}",
+            where="config",
+            hint="use one of " + ", ".join(f'"{c}"' for c in readers.MIX_EPOCHS),
+        )
     if int(d.get("workers", 0)) < 0:
         raise UserError(f"data.workers={d.workers}", where="config", hint="0 (cores) or more")
     cache = cache_lib.DataCache.for_config(config, tokenizer, opts)
@@ -88,7 +101,14 @@ def build_datasets(config, tokenizer, *, strict: bool = True, show: int = 0) -> 
     else:
         train, evals, report, drop_lines = _render(config, tokenizer, opts, show)
     data = Datasets(
-        train, evals, {}, max_length, bool(d.packing), tokenizer_pad_id(tokenizer), cache
+        train,
+        evals,
+        {},
+        max_length,
+        bool(d.packing),
+        tokenizer_pad_id(tokenizer),
+        mix_epoch,
+        cache,
     )
     if loaded is None and cache is not None:
         data.unsaved = (train, evals, report, drop_lines)
@@ -137,6 +157,11 @@ def save_cache(data: Datasets, *, required: bool = False) -> str | None:
         print(f"warning: {data.cache.root}: {msg}; the next start renders again", flush=True)
         return None
     data.unsaved = None
+    # From now on the tokens are read from the cache, each when a row needs it: this host
+    # keeps only the lengths and sources of the examples, not their tokens.
+    data.train = data.cache.reopen("train", data.train)
+    if data.eval is not None:
+        data.eval = data.cache.reopen("eval", data.eval)
     cache_lib._say(
         f"data cache: wrote {path} (key {data.cache.key}) in {time.perf_counter() - t0:.1f}s"
     )
@@ -173,10 +198,20 @@ def _render_options(d) -> dict:
 # Epoch plans
 # --------------------------------------------------------------------------------------------
 def epoch_rows(data: Datasets, seed: int, epoch: int) -> list[list[int]]:
-    """Rows (lists of example indices) of one training epoch, in training order."""
+    """Rows (lists of example indices) of one training epoch, in training order; the last two
+    plans are kept (the report, the step count and the iterator all ask for epoch 0)."""
+    key = (int(seed), int(epoch))
+    if key not in data.plans:
+        while len(data.plans) >= 2:
+            data.plans.pop(next(iter(data.plans)))
+        data.plans[key] = _plan_epoch(data, *key)
+    return data.plans[key]
+
+
+def _plan_epoch(data: Datasets, seed: int, epoch: int) -> list[list[int]]:
     ex = data.train
     if len(ex.weights) > 1:
-        idx = readers.mixture_epoch(ex.source, ex.weights, seed, epoch)
+        idx = readers.mixture_epoch(ex.source, ex.weights, seed, epoch, data.mix_epoch)
     else:
         idx = np.arange(len(ex))
     rng = np.random.default_rng([seed, epoch, 0x5348])
@@ -282,7 +317,7 @@ class TrainIterator(grain.DatasetIterator):
         self._step += 1
         ex = ds.data.train
         return packing.build_rows(
-            local, ex.input_ids, ex.loss_mask, ds.data.max_length, ds.data.pad_id
+            local, ex.input_ids, ex.loss_mask, ds.data.max_length, ds.data.pad_id, ex.weighted
         )
 
     def get_state(self) -> dict[str, Any]:
@@ -351,4 +386,5 @@ def eval_iterator(
             data.eval.loss_mask,
             data.max_length,
             data.pad_id,
+            data.eval.weighted,
         )

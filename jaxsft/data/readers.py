@@ -300,16 +300,30 @@ def _iter_saved_dataset(path) -> Iterator[tuple[Any, str]]:
 # --------------------------------------------------------------------------------------------
 # Weighted mixing
 # --------------------------------------------------------------------------------------------
-def mixture_counts(sizes: list[int], weights: list[float]) -> list[int]:
+MIX_EPOCHS = ("sum", "first")
+
+
+def mixture_counts(sizes: list[int], weights: list[float], mix_epoch: str = "sum") -> list[int]:
     """Examples each source contributes to one epoch.
 
-    An epoch has as many examples as all sources together (N = sum of sizes); source i
-    contributes round(N * w_i / sum(w)) of them (largest-remainder rounding, so the counts add
-    up to N). A single source, or weights proportional to the sizes, is a plain epoch.
+    data.mix_epoch "sum": an epoch has as many examples as all sources together (N = sum of
+    sizes). "first": the epoch ends when the first source is used up at its share, N =
+    min_i n_i * sum(w) / w_i over the weighted sources, so no source repeats an example. Source
+    i contributes round(N * w_i / sum(w)) (largest-remainder rounding, so the counts add up to
+    N). A single source, or weights proportional to the sizes, is a plain epoch either way.
     """
+    if mix_epoch not in MIX_EPOCHS:
+        raise ValueError(f"mix_epoch={mix_epoch!r}: use one of {MIX_EPOCHS}")
     sizes = np.asarray(sizes, np.int64)
     w = np.asarray(weights, np.float64)
     total = int(sizes.sum())
+    if mix_epoch == "first":
+        live = (w > 0) & (sizes > 0)
+        if not live.any():
+            return [0] * len(sizes)
+        # the smallest total at which a source is used up; a float a hair above an integer
+        # (3 / 0.3 = 10.000000000000002) is that integer
+        total = int(np.floor(np.min(sizes[live] * w.sum() / w[live]) + 1e-9))
     exact = total * w / w.sum()
     counts = np.floor(exact).astype(np.int64)
     rest = total - int(counts.sum())
@@ -319,7 +333,9 @@ def mixture_counts(sizes: list[int], weights: list[float]) -> list[int]:
     return counts.tolist()
 
 
-def mixture_epoch(source_of: np.ndarray, weights: list[float], seed: int, epoch: int) -> np.ndarray:
+def mixture_epoch(
+    source_of: np.ndarray, weights: list[float], seed: int, epoch: int, mix_epoch: str = "sum"
+) -> np.ndarray:
     """Example indices of one epoch of the mixture (unshuffled; the pipeline shuffles them).
 
     source_of[j] is the source of example j. Source i contributes k_i examples
@@ -331,7 +347,7 @@ def mixture_epoch(source_of: np.ndarray, weights: list[float], seed: int, epoch:
     source_of = np.asarray(source_of)
     n_src = len(weights)
     members = [np.nonzero(source_of == i)[0] for i in range(n_src)]
-    counts = mixture_counts([len(m) for m in members], weights)
+    counts = mixture_counts([len(m) for m in members], weights, mix_epoch)
     parts = []
     for i, (idx, k) in enumerate(zip(members, counts, strict=True)):
         if k == 0 or len(idx) == 0:

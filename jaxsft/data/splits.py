@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -31,18 +32,36 @@ MIN_TASKS_PER_WORKER = 8
 
 @dataclasses.dataclass
 class Examples:
-    """Rendered examples of one split, in file order."""
+    """Rendered examples of one split, in file order.
 
-    input_ids: list[np.ndarray]  # int32 [n_i] each
-    loss_mask: list[np.ndarray]  # int32 [n_i] each (float32 when rows carry loss weights)
-    where: list[str]
+    The three per-example columns are sequences indexed by example: lists in memory after a
+    render, or views of the data cache (cache.CachedSplit.column) that read an example from
+    disk only when it is indexed, so a host touches only the examples of its own rows.
+    """
+
+    input_ids: Sequence[np.ndarray]  # int32 [n_i] each
+    loss_mask: Sequence[np.ndarray]  # int32 [n_i] each (float32 when rows carry loss weights)
+    where: Sequence[str]
     source: np.ndarray  # int [E]: mixture component of each example
     weights: list[float]  # mixture weights, one per component
     kinds: list[np.ndarray] = dataclasses.field(default_factory=list)  # first few (--show)
+    known_lengths: np.ndarray | None = None  # int64 [E], when known without the tokens
+    fingerprint: str | None = None  # run_dir.data_fingerprint, when known without the tokens
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.fromiter((len(x) for x in self.input_ids), np.int64, len(self.input_ids))
+        if self.known_lengths is None:
+            n = len(self.input_ids)
+            self.known_lengths = np.fromiter((len(x) for x in self.input_ids), np.int64, n)
+        return self.known_lengths
+
+    @property
+    def weighted(self) -> bool:
+        """Masks are float32 loss weights (the same dtype for every example of a split)."""
+        split = getattr(self.loss_mask, "split", None)  # a cache view knows without reading
+        if split is not None:
+            return split.float_mask
+        return bool(len(self.loss_mask)) and self.loss_mask[0].dtype.kind == "f"
 
     def __len__(self) -> int:
         return len(self.input_ids)

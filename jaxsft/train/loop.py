@@ -120,7 +120,9 @@ def train_loop(config, s: Start, log, guard, end, stop) -> int:
     window = Window(guard)
     step = s.step
     while step < end and not stop.requested(step):
+        t = time.perf_counter()
         local = next(data_iter)
+        window.data_s += time.perf_counter() - t
         batch = {
             k: jax.make_array_from_process_local_data(trainer.batch_sharding, v)
             for k, v in local.items()
@@ -161,6 +163,7 @@ class Window:
         self.items = []  # (step, device metrics, flops)
         self.checked = 0  # items the guard has seen
         self.position = None
+        self.data_s = 0.0  # seconds the loop spent getting batches from the data iterator
 
     def add(self, step, metrics, flops, position):
         """A dispatched step. The guard sees each step one step late (its metrics are ready by
@@ -204,6 +207,9 @@ class Window:
             "supervised_tokens_per_sec": sup / dt,
             "step_time_s": dt / n,
             "mfu": flops / dt / peak_flops,
+            # host time per step in the data iterator; the previous step runs meanwhile
+            # (dispatch is asynchronous), so it stalls the device only when it exceeds a step
+            "data_wait_s": self.data_s / n,
         }
         if last["kl_to_base"]:
             row["kl_to_base"] = last["kl_to_base"]
@@ -212,6 +218,7 @@ class Window:
             row["data_epoch"] = int(self.position["epoch"])
             row["data_batch"] = int(self.position["step"]) - 1
         self.t0, self.items, self.checked = time.perf_counter(), [], 0
+        self.data_s = 0.0
         return row
 
 

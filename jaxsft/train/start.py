@@ -22,6 +22,7 @@ from jaxsft import export as export_lib
 from jaxsft import run_dir as rd
 from jaxsft import sharding
 from jaxsft.checkpoint import Checkpointer, existing_steps
+from jaxsft.configs import base as base_config
 from jaxsft.data import pipeline
 from jaxsft.errors import UserError
 from jaxsft.models.config import ModelConfig
@@ -55,6 +56,7 @@ def prepare(config) -> Start:
             step=steps[-1] if steps else 0,
             allow=bool(config.train.allow_config_change),
             where=rd.path(config.run_dir, rd.CONFIG),
+            defaults=base_config.get_config(),
         )
     tokenizer = load_tokenizer(config.model.path)
     check_vocab(tokenizer, ModelConfig.from_hf(config.model.path), config.model.path)
