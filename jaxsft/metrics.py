@@ -18,8 +18,11 @@ from jaxsft.errors import WriteFailed
 # 2048^3 matmul peak of the 2-core project machines (NOTES.md); override with train.peak_tflops.
 PEAK_FLOPS = {
     "cpu": 380e9,
-    "NVIDIA H100": 989e12,
+    "NVIDIA H100": 989e12,  # SXM
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
     "NVIDIA H200": 989e12,
+    "NVIDIA GH200": 989e12,
     "NVIDIA A100": 312e12,
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,
