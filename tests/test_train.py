@@ -7,6 +7,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -35,6 +36,31 @@ def trainer_for(config, steps):
     from jaxsft.train import setup
 
     return setup.compile_steps(setup.build_model_state(config, total_steps=steps), config)
+
+
+def test_bf16_params_compile_the_step_once(demo_assets, tmp_path):
+    """bf16 master weights: AdamW's moments are float32 from the start (the gradients are
+    float32 after the division by the token count), so the state keeps its dtypes across steps
+    and the step compiles once."""
+    config = load_config(
+        demo_assets, f"--config.run_dir={tmp_path}", "--config.model.param_dtype=bfloat16"
+    )
+    batch = first_batch(config)
+    trainer = trainer_for(config, 5)
+    moments = [x for x in jax.tree.leaves(trainer.state["opt_state"]) if x.ndim > 0]
+    assert moments and {x.dtype for x in moments} == {jnp.dtype(jnp.float32)}
+    before = jax.tree.map(lambda x: x.dtype, trainer.state)
+    with jax.set_mesh(trainer.mesh):
+        for _ in range(3):
+            trainer.state, _ = trainer.train_step(
+                trainer.state,
+                trainer.frozen,
+                trainer.ref,
+                jax.device_put(batch, trainer.batch_sharding),
+            )
+    assert jax.tree.map(lambda x: x.dtype, trainer.state) == before
+    assert {x.dtype for x in jax.tree.leaves(trainer.state["params"])} == {jnp.dtype(jnp.bfloat16)}
+    assert trainer.train_step._cache_size() == 1
 
 
 def test_first_step_loss_matches_transformers(demo_assets, tmp_path):
