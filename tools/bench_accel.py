@@ -320,9 +320,9 @@ def fit_full_8b(config, overrides, workdir, name, info):
 
 def steady_state(s, batch) -> bool:
     """Give the state the dtypes the step returns, so that one compile serves every step
-    (True when they differ). The trainer's jit compiles twice then: with bf16 parameters the
-    step returns float32 AdamW moments (bf16 gradients / a float32 token count), so its
-    second step compiles again for them, and every later step runs that program."""
+    (True when they differ, and the trainer's jit would compile twice: its second step would
+    compile again for the new dtypes). setup.moment_dtypes makes AdamW's moments float32 for
+    every parameter dtype, so this is False unless a change breaks that."""
     import jax
 
     out, _ = jax.eval_shape(s.train_step, s.state, s.frozen, s.ref, batch)
