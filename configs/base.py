@@ -36,21 +36,27 @@ def get_config() -> ml_collections.ConfigDict:
     # Triton flash kernel with segment ids; no window or softcap: those fall back to the dense
     # path), "splash" (TPU splash attention: segment ids, windows, softcap). docs/performance.md
     c.model.attention = "auto"
+    # QLoRA (LoRA runs only): store the frozen base's attention, MLP and expert kernels
+    # quantised, "int8" (per-output-channel absmax scales) or "nf4" (4-bit NormalFloat, absmax
+    # scales per block of 64 inputs, two codes a byte); dequantised inside each matmul. "" or
+    # "none": off. Embeddings, LM head, norms and MoE routers stay in param_dtype; the exports
+    # re-read the full-precision base from model.path. docs/training.md, "QLoRA"
+    c.model.quantize = ""
 
     c.data = group()
     # A file or directory (JSONL, JSON, Parquet, saved `datasets` dataset), or a list of
     # {"path": ..., "weight": ...} dicts for weighted mixing (weights are relative shares).
     c.data.train = ""
+    # Length of an epoch of a weighted mixture: "sum" has as many examples as all sources
+    # together (a source whose share is larger than itself is repeated); "first" ends when the
+    # first source is used up at its share (no example repeats within an epoch).
+    c.data.mix_epoch = "sum"
     # Same forms as data.train; "" means no eval set.
     c.data.eval = ""
     # Tokens per row; longer examples are truncated keeping the start.
     c.data.max_length = 2048
     # Pack several examples per row (best-fit-decreasing, segment-isolated attention).
     c.data.packing = True
-    # Length of an epoch of a weighted mixture: "sum" has as many examples as all sources
-    # together (a source whose share is larger than itself is repeated); "first" ends when the
-    # first source is used up at its share (no example repeats within an epoch).
-    c.data.mix_epoch = "sum"
     # "error": an invalid row stops the start naming file and line; "skip": drop and report it.
     c.data.on_invalid = "error"
     # When the chat template silently leaves out something a row has: "auto" refuses the row

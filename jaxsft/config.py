@@ -24,6 +24,7 @@ CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
     "model.attention": ("auto", "xla", "cudnn", "pallas_gpu", "splash"),
+    "model.quantize": ("", "none", "int8", "nf4"),
     "data.on_invalid": ("error", "skip"),
     "export.format": ("merged", "peft", "both", "none"),
     "export.dtype": ("source", "bfloat16", "float32", "float16"),
@@ -269,6 +270,13 @@ def _check_lora(cfg, where):
             hint=f"name the modules to adapt in lora.targets ({', '.join(ALL_TARGETS)}), "
             "or set lora.rank=0 for full fine-tuning",
         )
+    if quantize(cfg) and lora_config(cfg) is None:
+        raise UserError(
+            f"model.quantize={cfg.model.quantize} quantises the frozen base of a LoRA run, "
+            "but lora.rank is 0 (full fine-tuning trains every weight)",
+            where=where,
+            hint="set lora.rank > 0 for QLoRA, or model.quantize='' to fine-tune in full",
+        )
     if cfg.export.format in ("peft", "both") and lora_config(cfg) is None:
         raise UserError(
             f"export.format={cfg.export.format} needs a LoRA run (lora.rank > 0)",
@@ -292,6 +300,13 @@ def lora_config(cfg):
         rslora=bool(lora.get("rslora", False)),
         train_router=bool(lora.get("train_router", False)),
     )
+
+
+def quantize(cfg) -> str:
+    """model.quantize of a run config (ConfigDict or a saved config.json's dict): "int8",
+    "nf4", or "" when off ("none", or a run saved before the key existed)."""
+    value = str(cfg["model"].get("quantize", "") or "")
+    return "" if value == "none" else value
 
 
 def to_json(cfg) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -22,6 +23,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from jaxsft.errors import UserError
+from jaxsft.models import quant
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.lora import LoraConfig, LoRAParam
 from jaxsft.models.transformer import Transformer, block_norms
@@ -148,7 +150,9 @@ def abstract_model(
     **options,
 ):
     """The model with ShapeDtypeStruct leaves (no memory). `options`: Transformer's runtime
-    options (remat, attention_impl, unroll)."""
+    options (remat, attention_impl, unroll) and quantize ("" | "int8" | "nf4")."""
+    if options.get("quantize"):
+        quant.check_dims(options["quantize"], cfg)
     return nnx.eval_shape(
         lambda: Transformer(
             cfg,
@@ -188,7 +192,8 @@ def load_hf(
     every parameter is placed with its logical-axis sharding; LoRA adapters (if `lora`) are
     freshly initialised (A uniform, B zero, as PEFT does). `options` go to the Transformer
     (remat="none"|"full"|"dots", unroll=1, and attention_impl: one of model.attention's
-    values, "auto"|"xla"|"cudnn"|"pallas_gpu"|"splash").
+    values, "auto"|"xla"|"cudnn"|"pallas_gpu"|"splash"; quantize="int8"|"nf4": the layers'
+    projections are quantised tensor by tensor as they are read, models/quant.py).
     """
     path = os.fspath(path)
     cfg = ModelConfig.from_hf(path)
@@ -199,7 +204,10 @@ def load_hf(
         _check_fused(reader, weight_table(cfg), cfg)
         for entry in weight_table(cfg):
             var = _variable(state, entry.path)
-            var.set_value(_load_entry(reader, entry, var, devices))
+            if isinstance(var, nnx.Variable):
+                var.set_value(_load_entry(reader, entry, var, devices))
+            else:  # a quantised kernel (QLoRA): its codes and scales
+                _load_quantized(reader, entry, var, devices)
         head = _in_checkpoint(cfg, "lm_head.weight")  # a tied config ignores a stored head
         reader.check_all_used(optional=(head, *carried_keys(reader, cfg)))
     for i, (p, var) in enumerate(sorted(nnx.to_flat_state(state.filter(LoRAParam)))):
@@ -245,7 +253,43 @@ def _load_entry(reader, entry: Entry, var, mesh):
     """The variable of one table entry, read from the checkpoint slice by slice onto `mesh`
     (each device's callback reads only the HF tensors and rows of its shard)."""
     shape = tuple(var.get_value().shape)
-    dtype = var.get_value().dtype
+    region = _region_reader(reader, entry, shape, var.get_value().dtype)
+    return jax.make_array_from_callback(shape, _sharding(var, mesh), region)
+
+
+def _load_quantized(reader, entry: Entry, node, mesh):
+    """A quantised kernel's codes and scales (models/quant.py), quantised on the host from
+    the slices each device's shard needs (_quantized_shard)."""
+    kind = quant.kind_of(node["codes"].get_value().dtype)
+    shape = quant.kernel_shape(kind, tuple(node["codes"].get_value().shape))
+    region = _region_reader(reader, entry, shape, np.float32)
+    for name in ("codes", "scale"):
+        var = node[name]
+        stored = tuple(var.get_value().shape)
+        shard = functools.partial(_quantized_shard, kind, name, shape[-2], stored[-2], region)
+        var.set_value(jax.make_array_from_callback(stored, _sharding(var, mesh), shard))
+
+
+def _quantized_shard(kind, name, d_in, rows, region, index):
+    """One shard (index: slices over the stored codes or scales, `rows` rows along the input
+    axis) of a kernel with d_in inputs: its output channels and, for nf4, the whole 64-input
+    blocks around its rows are read and quantised (int8's per-channel scales need them all)."""
+    lo, hi, _ = index[-2].indices(rows)
+    per_row = 1 if kind == "int8" else 2 if name == "codes" else quant.NF4_BLOCK  # inputs
+    a, b = 0, d_in  # the kernel rows (inputs) to quantise
+    if kind == "nf4":
+        a = lo * per_row // quant.NF4_BLOCK * quant.NF4_BLOCK
+        b = -(-hi * per_row // quant.NF4_BLOCK) * quant.NF4_BLOCK
+    w = region((*index[:-2], slice(a, b), index[-1]))
+    out = quant.quantize_scales(kind, w) if name == "scale" else quant.quantize(kind, w)[0]
+    first = a // per_row if kind == "nf4" else 0
+    return out[..., lo - first : hi - first, :]
+
+
+def _region_reader(reader, entry: Entry, shape, dtype):
+    """After checking the HF shapes against `shape` (the variable's, stacked axes first):
+    region(index) -> the host array of that index (a tuple of slices), read from the
+    checkpoint tensor by tensor, in `dtype`."""
     keys = hf_keys(entry)
     n = len(entry.stack)
     want = shape[n:]
@@ -283,7 +327,7 @@ def _load_entry(reader, entry: Entry, var, mesh):
             out[local] = a
         return out
 
-    return jax.make_array_from_callback(shape, _sharding(var, mesh), callback)
+    return callback
 
 
 def _init_adapter(rng: np.random.Generator, path, var, mesh):

@@ -162,6 +162,7 @@ def plan_config(config, mesh, limit: int | None, compile: bool = True) -> dict:
     """The report of one configuration: per-device bytes, fits, and what was planned."""
     import jax
 
+    from jaxsft import config as config_lib
     from jaxsft import plan_memory
     from jaxsft.models.config import ModelConfig
     from jaxsft.train.start import check_batch_geometry, check_expert_axis
@@ -178,6 +179,7 @@ def plan_config(config, mesh, limit: int | None, compile: bool = True) -> dict:
         fits = p.total <= limit
     a = int(config.train.grad_accum)
     rows = int(config.train.batch_size) // a
+    quantize = config_lib.quantize(config)
     return {
         "per_device": p.per_device(),
         "devices": int(mesh.size),
@@ -196,6 +198,7 @@ def plan_config(config, mesh, limit: int | None, compile: bool = True) -> dict:
             "model_type": p.model_type,
             "parameters": p.num_params,
             "trainable": p.num_trainable,
+            **({"quantize": quantize} if quantize else {}),  # QLoRA: how the base is stored
         },
         "compiled": p.compiled,
     }
@@ -256,7 +259,8 @@ def render(report: dict, fit_mode: bool) -> str:
     mb, m, model = report["micro_batch"], report["mesh"], report["model"]
     lines = [
         f"model: {model['model_type']}, {model['parameters']:,} parameters "
-        f"({model['trainable']:,} trainable)",
+        f"({model['trainable']:,} trainable)"
+        + (f", base quantised to {model['quantize']}" if model.get("quantize") else ""),
         f"mesh: data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']} on "
         f"{report['devices']} {report['backend']} device(s)",
         f"micro-batch: {mb['rows']} rows ({mb['tokens']:,} tokens) x grad_accum "

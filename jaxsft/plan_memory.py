@@ -5,8 +5,9 @@ gets the sharding the run would give it (the same logical-axis rules as the stre
 the optimizer state is `jax.eval_shape(tx.init)` with each moment sharded like its parameter,
 and the train step of `train.setup.compile_steps` is lowered and compiled ahead of time for
 those inputs. Parameters, optimizer state and gradients are exact sums over the shards one
-device holds; the rest of what the compiled step needs (activations saved for the backward,
-logits chunks, optimizer intermediates, the batch) comes from XLA's memory analysis.
+device holds (a QLoRA base: its codes and scales, model.quantize); the rest of what the
+compiled step needs (activations saved for the backward, logits chunks, optimizer
+intermediates, the batch) comes from XLA's memory analysis.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxsft import config as config_lib
 from jaxsft.hf_io import abstract_model
+from jaxsft.models import quant
 from jaxsft.models.config import ModelConfig
 from jaxsft.sharding import named_sharding
 from jaxsft.train import setup as setup_lib
@@ -88,6 +90,7 @@ def abstract_setup(config, mesh) -> setup_lib.TrainSetup:
         remat=config.model.remat,
         attention_impl=config.model.attention,
         unroll=config.model.unroll_layers,
+        quantize=config_lib.quantize(config),
     )
     graphdef, state = nnx.split(model)
     for _, var in nnx.to_flat_state(state):  # the sharding hf_io.load_hf places it with
@@ -152,8 +155,18 @@ def formula_plan(setup: setup_lib.TrainSetup) -> Plan:
 
 
 def count(tree) -> int:
-    """Elements of every leaf (unsharded)."""
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+    """Parameters of every leaf (unsharded); a quantised kernel (QLoRA) counts its weights,
+    not its codes and scales."""
+    if not isinstance(tree, nnx.State):
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+    n = 0
+    for path, var in nnx.to_flat_state(tree):
+        x = var.get_value()
+        if not isinstance(var, quant.QuantParam):
+            n += math.prod(x.shape)
+        elif path[-1] == "codes":
+            n += math.prod(quant.kernel_shape(quant.kind_of(x.dtype), x.shape))
+    return n
 
 
 # XLA:CPU spends most of a compile in LLVM, after buffer assignment: at LLVM level 0 the

@@ -22,6 +22,7 @@ from jaxsft.errors import UserError
 from jaxsft.export.check import ExportCheckError
 from jaxsft.export.merged import export_dtype, export_merged
 from jaxsft.export.peft import export_peft
+from jaxsft.export.qlora import full_precision
 from jaxsft.export.targets import (
     FORMATS,
     MARKER,
@@ -69,7 +70,8 @@ def export_run(
     config: the run's resolved config (ConfigDict or dict); model.path is the base checkpoint
     (tokenizer, generation config, PEFT base). Every directory passes the rules of targets.py
     (checked for all before the first is written; force: as `--force`); step goes into the
-    markers. Returns {'merged'|'peft': directory written}.
+    markers. A QLoRA model (quantised base) is exported from the full-precision base re-read
+    from model.path with its adapters (export/qlora.py). Returns {'merged'|'peft': directory}.
     """
     fmt = fmt or setting(config, "export.format", "merged")
     if fmt == "none":
@@ -83,6 +85,7 @@ def export_run(
         )
     base = setting(config, "model.path")
     dirs = check_export_targets(config, out, force, fmt=fmt, run_dir=run_dir)
+    model = full_precision(model, lora_cfg, config)  # QLoRA: the real base, adapters copied
     where = {"run_dir": run_dir, "force": force, "step": step}
     if "merged" in dirs:
         export_merged(

@@ -28,6 +28,7 @@ from jaxsft.export.files import (
     write_safetensors,
 )
 from jaxsft.export.peft import adapted_linears, entry_adapter, module_at
+from jaxsft.export.qlora import refuse_quantized
 from jaxsft.export.targets import export_dir
 from jaxsft.hf_io import (
     DTYPES,
@@ -195,6 +196,7 @@ def export_merged(
     replacing only the export's own; step: recorded in the marker). Only process 0 writes;
     all processes must call this.
     """
+    refuse_quantized(model)
     name = export_dtype(dtype, cfg)
     np_dtype = np.dtype(DTYPES[name])
     plan = _plan(model, cfg, np_dtype)

@@ -40,6 +40,7 @@ from jaxsft.export.check import (
     reload_mesh,
 )
 from jaxsft.export.files import Planned, host_layer, is_writer, write_safetensors
+from jaxsft.export.qlora import refuse_quantized
 from jaxsft.export.targets import export_dir
 from jaxsft.hf_io import DTYPES, hf_keys, tensor_groups, weight_table
 from jaxsft.models import families
@@ -200,6 +201,7 @@ def export_peft(
     into place). dtype: the adapter tensors' dtype (PEFT keeps adapters in float32).
     run_dir, force, step: as for export_merged (the rules of targets.py).
     """
+    refuse_quantized(model)
     experts = peft_moe.adapted_parts(peft_moe.experts_of(model))
     if lora_cfg is None or lora_cfg.rank <= 0 or not (adapted_linears(model, cfg) or experts):
         raise UserError(

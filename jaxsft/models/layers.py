@@ -1,4 +1,4 @@
-"""Weight-holding modules: Linear (with optional LoRA), RMSNorm, Embed.
+"""Weight-holding modules: Linear (with optional LoRA and a quantised kernel), RMSNorm, Embed.
 
 Each parameter carries logical axis names (`sharding_names`) that jaxsft.sharding maps onto
 the mesh. Matmuls take compute-dtype inputs and accumulate in float32.
@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsft.models import ops
+from jaxsft.models import ops, quant
 from jaxsft.models.lora import LoraConfig, LoRAParam
 
 INIT_STD = 0.02
@@ -34,8 +34,31 @@ def matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     return ops.einsum("...i,io->...o", x, w, dtype, dtype)
 
 
+class QuantKernel(nnx.Module):
+    """A frozen kernel [..., in, out] stored quantised (quant.storage_shapes): `codes` and
+    `scale`, both with the kernel's logical axis names, so they shard as the kernel would."""
+
+    def __init__(self, kind: str, shape: tuple[int, ...], names):
+        codes, scales = quant.storage_shapes(kind, shape)
+        self.kind = kind
+        self.codes = quant.QuantParam(
+            jnp.zeros(codes, quant.CODE_DTYPES[kind]), out_sharding=names, eager_sharding=False
+        )
+        self.scale = quant.QuantParam(
+            jnp.ones(scales, jnp.float32), out_sharding=names, eager_sharding=False
+        )
+
+    def __call__(self, x: jax.Array, dtype) -> jax.Array:
+        return quant.qmatmul(self.kind, x, self.codes[...], self.scale[...], dtype)
+
+    def stored(self) -> quant.Quantized:
+        """The codes and scales as one pytree (the routed experts' grouped matmuls)."""
+        return quant.Quantized(self.codes[...], self.scale[...], self.kind)
+
+
 class Linear(nnx.Module):
-    """y = x W (+ b) (+ scale * x A B). kernel [in, out] (the transpose of HF's weight)."""
+    """y = x W (+ b) (+ scale * x A B). kernel [in, out] (the transpose of HF's weight), or
+    with `quantize` ("int8" | "nf4") a QuantKernel, dequantised inside the matmul."""
 
     def __init__(
         self,
@@ -45,12 +68,16 @@ class Linear(nnx.Module):
         *,
         bias=False,
         lora: LoraConfig | None = None,
+        quantize: str = "",
         dtype=jnp.bfloat16,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         self.dtype = dtype
-        self.kernel = param(rngs, (d_in, d_out), names, param_dtype)
+        if quantize:
+            self.kernel = QuantKernel(quantize, (d_in, d_out), names)
+        else:
+            self.kernel = param(rngs, (d_in, d_out), names, param_dtype)
         self.bias = param(rngs, (d_out,), names[1:], param_dtype, "zeros") if bias else None
         self.lora_scale = lora.scale if lora else 0.0
         if lora:
@@ -65,7 +92,10 @@ class Linear(nnx.Module):
             self.lora_a = self.lora_b = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = matmul(x, self.kernel[...], self.dtype)
+        if isinstance(self.kernel, QuantKernel):
+            y = self.kernel(x, self.dtype)
+        else:
+            y = matmul(x, self.kernel[...], self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is not None:

@@ -16,12 +16,14 @@ Shapes: T tokens, D hidden, F expert hidden, E experts, k experts per token.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from jaxsft.models import quant
 from jaxsft.sharding import BATCH
 
 
@@ -50,6 +52,9 @@ def _matmul(x, w, sizes, impl=None):
     group are placed in tiles of one expert and each used tile is one small matmul (padding
     at most one tile per expert, unused tiles skipped). Default: tiled on CPU, else ragged."""
     impl = impl or ("tiled" if jax.default_backend() == "cpu" else "ragged")
+    if isinstance(w, quant.Quantized):  # QLoRA: dequantised inside, no gradient to w
+        grouped = functools.partial(_matmul, impl=impl)
+        return quant.grouped_qmatmul(w.kind, grouped, x, w.codes, w.scale, sizes)
     w = jnp.asarray(w, x.dtype)
     if impl == "ragged":
         out = jax.lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32)

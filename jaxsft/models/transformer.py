@@ -18,7 +18,7 @@ from flax import nnx
 
 from jaxsft.models import attention, moe, ops
 from jaxsft.models.config import ModelConfig
-from jaxsft.models.layers import ACTIVATIONS, Embed, Linear, RMSNorm, param
+from jaxsft.models.layers import ACTIVATIONS, Embed, Linear, QuantKernel, RMSNorm, param
 from jaxsft.models.lora import LoraConfig, LoRAParam
 from jaxsft.models.rope import apply_rope, inv_frequencies, long_frequencies, rope_tables
 from jaxsft.sharding import constrain
@@ -31,9 +31,9 @@ REMAT_POLICIES = {
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, lora, dtype, param_dtype, rngs):
+    def __init__(self, cfg: ModelConfig, lora, dtype, param_dtype, rngs, quantize=""):
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, quantize=quantize, rngs=rngs)
 
         def lora_for(name):
             return lora if lora and lora.applies_to(name) else None
@@ -73,9 +73,10 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, lora, dtype, param_dtype, rngs, hidden=None):
+    def __init__(self, cfg: ModelConfig, lora, dtype, param_dtype, rngs, hidden=None, quantize=""):
         D, F = cfg.hidden_size, hidden or cfg.intermediate_size
         kw = dict(bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw["quantize"] = quantize
 
         def lora_for(name):
             return lora if lora and lora.applies_to(name) else None
@@ -97,15 +98,20 @@ class Experts(nnx.Module):
     With LoRA on a projection NAME (lora.applies_to), one adapter per expert, stacked:
     NAME_lora_a [E, in, r] (uniform, PEFT's init) and NAME_lora_b [E, r, out] (zero)."""
 
-    def __init__(self, cfg: ModelConfig, param_dtype, rngs, lora: LoraConfig | None = None):
+    def __init__(
+        self, cfg: ModelConfig, param_dtype, rngs, lora: LoraConfig | None = None, quantize=""
+    ):
         E, D, F = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         shapes = {"gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp")}
         shapes |= {"down_proj": ("mlp", "embed")}  # (in, out) axes of each projection
         size = {"embed": D, "mlp": F}
         self.lora_scale = lora.scale if lora else 0.0
         for name, (d_in, d_out) in shapes.items():
-            shape = (E, size[d_in], size[d_out])
-            setattr(self, name, param(rngs, shape, ("expert", d_in, d_out), param_dtype))
+            shape, names = (E, size[d_in], size[d_out]), ("expert", d_in, d_out)
+            if quantize:  # QLoRA: the stack [E, in, out] quantised as E kernels
+                setattr(self, name, QuantKernel(quantize, shape, names))
+            else:
+                setattr(self, name, param(rngs, shape, names, param_dtype))
             a = b = None
             if lora and lora.applies_to(name):
                 r, n_in, n_out = lora.rank, size[d_in], size[d_out]
@@ -117,13 +123,18 @@ class Experts(nnx.Module):
 
     def weights(self) -> dict:
         """The arrays of moe.expert_mlp's `w` (with the adapters of the adapted projections)."""
-        w = {name: getattr(self, name)[...] for name in moe.PROJS}
+        w = {name: _weight(getattr(self, name)) for name in moe.PROJS}
         for name in moe.PROJS:
             for ab in ("lora_a", "lora_b"):
                 var = getattr(self, f"{name}_{ab}")
                 if var is not None:
                     w[f"{name}_{ab}"] = var[...]
         return w
+
+
+def _weight(kernel):
+    """An expert stack's array, or its codes and scales (quant.Quantized) when quantised."""
+    return kernel.stored() if isinstance(kernel, QuantKernel) else kernel[...]
 
 
 class SparseMoE(nnx.Module):
@@ -134,13 +145,14 @@ class SparseMoE(nnx.Module):
     shared expert's projections of those names; the router never gets an adapter (it trains
     in full with lora.train_router, a filter of the trainable partition: lora.trainable)."""
 
-    def __init__(self, cfg: ModelConfig, lora, dtype, param_dtype, rngs):
+    def __init__(self, cfg: ModelConfig, lora, dtype, param_dtype, rngs, quantize=""):
         D, E = cfg.hidden_size, cfg.num_experts
         kw = dict(param_dtype=param_dtype, rngs=rngs)
         self.gate = Linear(D, E, ("embed", None), dtype=jnp.float32, **kw)
-        self.experts = Experts(cfg, param_dtype, rngs, lora)
+        self.experts = Experts(cfg, param_dtype, rngs, lora, quantize)
         if cfg.shared_expert_size:
-            self.shared_expert = MLP(cfg, lora, dtype, param_dtype, rngs, cfg.shared_expert_size)
+            shared = cfg.shared_expert_size
+            self.shared_expert = MLP(cfg, lora, dtype, param_dtype, rngs, shared, quantize)
             self.shared_expert_gate = Linear(D, 1, ("embed", None), dtype=dtype, **kw)
         else:
             self.shared_expert = self.shared_expert_gate = None
@@ -177,16 +189,18 @@ def block_norms(cfg: ModelConfig) -> tuple[str, ...]:
 
 
 class Block(nnx.Module):
-    """One decoder layer: pre-norm residual attention and MLP (optionally post-normed)."""
+    """One decoder layer: pre-norm residual attention and MLP (optionally post-normed).
+    quantize ("" | "int8" | "nf4"): how the attention, MLP and expert kernels are stored."""
 
-    def __init__(self, cfg: ModelConfig, lora, dtype, param_dtype, rngs):
+    def __init__(self, cfg: ModelConfig, lora, dtype, param_dtype, rngs, quantize=""):
         norm = dict(offset=cfg.norm_offset, param_dtype=param_dtype, rngs=rngs)
         for name in block_norms(cfg):
             setattr(self, name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm))
         self.post_norms = cfg.post_norms
-        self.self_attn = Attention(cfg, lora, dtype, param_dtype, rngs)
+        self.self_attn = Attention(cfg, lora, dtype, param_dtype, rngs, quantize)
         self.moe = bool(cfg.num_experts)
-        self.mlp = (SparseMoE if self.moe else MLP)(cfg, lora, dtype, param_dtype, rngs)
+        mlp = SparseMoE if self.moe else MLP
+        self.mlp = mlp(cfg, lora, dtype, param_dtype, rngs, quantize=quantize)
 
     def __call__(self, x, cos, sin, mask, impl, kv_cache=None, layer=None, index=None, valid=None):
         """x [B, T, D] -> ([B, T, D], kv_cache, moe.LoadStats or None for a dense MLP).
@@ -224,7 +238,11 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Decoder-only LM. Call: logits [B, T, V] float32 from input_ids [B, T]."""
+    """Decoder-only LM. Call: logits [B, T, V] float32 from input_ids [B, T].
+
+    quantize ("int8" | "nf4", QLoRA): the layers' attention, MLP and expert kernels (routed
+    and shared) are stored quantised (layers.QuantKernel); embeddings, the LM head, norms and
+    MoE routers stay in param_dtype."""
 
     def __init__(
         self,
@@ -236,6 +254,7 @@ class Transformer(nnx.Module):
         remat: str = "none",
         attention_impl="auto",
         unroll: int = 1,
+        quantize: str = "",
         rngs: nnx.Rngs,
     ):
         self.cfg = cfg
@@ -257,7 +276,7 @@ class Transformer(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_layers(rngs):
-            return Block(cfg, lora, dtype, param_dtype, rngs)
+            return Block(cfg, lora, dtype, param_dtype, rngs, quantize)
 
         self.layers = make_layers(rngs)
         self.norm = RMSNorm(

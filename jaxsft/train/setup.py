@@ -74,7 +74,8 @@ def kl_reference(config, lora: LoraConfig | None, params):
 
 
 def load_model(config, mesh):
-    """The run's model from model.path, sharded on `mesh` (adapters freshly initialised)."""
+    """The run's model from model.path, sharded on `mesh` (adapters freshly initialised; the
+    base quantised as it is read with model.quantize)."""
     return load_hf(
         config.model.path,
         dtype=config.model.dtype,
@@ -84,6 +85,7 @@ def load_model(config, mesh):
         remat=config.model.remat,
         attention_impl=config.model.attention,
         unroll=config.model.unroll_layers,
+        quantize=config_lib.quantize(config),
         seed=config.train.seed,
     )
 
