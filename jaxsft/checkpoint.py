@@ -168,7 +168,8 @@ class Checkpointer:
         abstract = jax.tree.map(_abstract, target_state)
         items = {"state": ocp.args.StandardRestore(abstract)}
         data_dir = epath.Path(checkpoint_dir(self.run_dir)) / str(step) / "data"
-        json_item = data_iter is not None and (data_dir / "metadata").exists()
+        legacy = data_iter is not None and bool(list(data_dir.glob("process_*-of-*.json")))
+        json_item = data_iter is not None and not legacy
         if json_item:
             items["data"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))

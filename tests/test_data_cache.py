@@ -310,6 +310,7 @@ def test_temp_dirs_of_killed_renders_on_this_host_are_removed(tmp_path, files, t
     import socket
     import subprocess
     import sys
+    import time
 
     c = make_config(tmp_path, *files)
     root = c.data.cache_dir
@@ -320,12 +321,18 @@ def test_temp_dirs_of_killed_renders_on_this_host_are_removed(tmp_path, files, t
         capture_output=True,
         check=True,
     )
-    host = socket.gethostname()
-    dead = f".tmp-{'a' * 20}-{host}-{int(gone.stdout)}-0badc0de"
-    alive = f".tmp-{'a' * 20}-{host}-{os.getpid()}-0badc0de"  # a render still writing
-    other = f".tmp-{'a' * 20}-elsewhere-{int(gone.stdout)}-0badc0de"  # another host's
-    older = f".tmp-{'a' * 20}-999-deadbeef"  # no host in the name: not ours to judge
-    for name in (dead, alive, other, older):
+    host, pid, key = socket.gethostname(), int(gone.stdout), "a" * 20
+    dead = f".tmp-{key}-{host}-{pid}-0badc0de"
+    young = f".tmp-{key}-{host}-{pid}-0badc0df"  # dead too, but written minutes ago
+    alive = f".tmp-{key}-{host}-{os.getpid()}-0badc0de"  # a render still writing
+    other = f".tmp-{key}-elsewhere-{pid}-0badc0de"  # another host's
+    suffix = f".tmp-{key}-a-{host}-{pid}-0badc0de"  # host "a-<this host>": not this host
+    older = f".tmp-{key}-999-deadbeef"  # no host in the name: not ours to judge
+    names = (dead, young, alive, other, suffix, older)
+    hour_ago = time.time() - 2 * cache_lib.STALE_TEMP_S
+    for name in names:
         os.makedirs(os.path.join(root, name, "x"))
+        if name != young:
+            os.utime(os.path.join(root, name), (hour_ago, hour_ago))
     data = pipeline.build_datasets(c, tok)
-    assert sorted(os.listdir(root)) == sorted([data.cache.key, alive, other, older])
+    assert sorted(os.listdir(root)) == sorted([data.cache.key, *names[1:]])

@@ -72,3 +72,21 @@ def test_build_rows_segments_positions_and_no_overlap():
 
 def test_single_rows():
     assert single_rows([2, 0, 1]) == [[2], [0], [1]]
+
+
+def test_rooms_finds_the_least_member_at_least_n_across_blocks():
+    from jaxsft.data.packing import Rooms
+
+    rooms, members = Rooms(), set()
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        x = int(rng.integers(0, 3 * Rooms.BLOCK))
+        if x in members and rng.random() < 0.5:
+            rooms.discard(x)
+            members.discard(x)
+        else:
+            rooms.add(x)
+            members.add(x)
+        n = int(rng.integers(0, 3 * Rooms.BLOCK + 10))
+        want = min((m for m in members if m >= n), default=None)
+        assert rooms.least_at_least(n) == want

@@ -4,6 +4,7 @@ over an epoch whichever host reads which rows (data.mix_epoch)."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -82,6 +83,19 @@ def test_a_fresh_render_is_read_back_from_the_cache_once_written(tmp_path, files
     assert rd.data_fingerprint(pipeline.build_datasets(fresh, tok).train) == (
         data.train.fingerprint
     )
+
+
+def test_a_run_keeps_reading_its_cache_when_the_directory_is_moved(tmp_path, files, tok):
+    """The cache files are opened when the splits are: another start moving the cache aside
+    (or a user deleting it) does not break a running job's later batches or evals."""
+    c = make_config(tmp_path, *files)
+    pipeline.build_datasets(c, tok)
+    data = pipeline.build_datasets(c, tok)  # loaded from the cache
+    it = pipeline.train_iterator(data, c, process_index=0, process_count=1)
+    first = next(it)
+    os.rename(data.cache.path, data.cache.path + ".corrupt-x")
+    assert next(it)["input_ids"].shape == first["input_ids"].shape
+    assert len(list(pipeline.eval_iterator(data, c, process_index=0, process_count=1))) > 0
 
 
 def test_mix_epoch_first_ends_when_a_source_is_used_up():

@@ -18,8 +18,8 @@ Layout of `<data.cache_dir>/<key>/` (data.cache_dir "" means `<run_dir>/data_cac
 ArrayRecord (grain.sources.ArrayRecordDataSource reads it) gives random access by example
 index, so a host can later read only the examples of its shard. A cache is written into
 `.tmp-<key>-<host>-<pid>-...` beside its final name and renamed when complete: a killed render
-leaves only a temp dir, which is never read and which the next save on that host removes once
-its process is gone; two hosts writing the same key race on the rename and the
+leaves only a temp dir, which is never read and which a later save on that host removes once
+its process is gone and it is an hour old; two hosts writing the same key race on the rename and the
 loser discards its copy. A cache whose files do not match the manifest is moved aside
 (`<key>.corrupt-<time>`) with a warning and rendered again.
 """
@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import socket
 import struct
@@ -104,18 +105,24 @@ class CachedSplit:
         if not -len(self) <= i < len(self):
             raise IndexError(f"example {i} of {len(self)}")
         i %= len(self)
-        if self._last[0] == i:
-            return self._last[1]
-        if self._source is None:
-            import grain
-
-            self._source = grain.sources.ArrayRecordDataSource([self.path])
-        ex = decode_example(self._source[i])
+        last = self._last
+        if last[0] == i:
+            return last[1]
+        ex = decode_example(self.reader()[i])
         if self.float_mask:
             ex["loss_mask"] = ex["loss_mask"].astype(np.float32)
         self.reads += 1
         self._last = (i, ex)
         return ex
+
+    def reader(self):
+        """The file's grain source, opened once: a run keeps reading the file it opened even
+        if the cache directory is moved meanwhile."""
+        if self._source is None:
+            import grain
+
+            self._source = grain.sources.ArrayRecordDataSource([self.path])
+        return self._source
 
     def column(self, name: str) -> Column:
         return Column(self, name)
@@ -183,7 +190,14 @@ class DataCache:
         try:
             bad = self._verify()
             loaded = None if bad else self._read(keep_kinds)
-        except (OSError, ValueError, KeyError, struct.error, RuntimeError) as e:
+        except OSError as e:  # a failed read (a network filesystem): the cache may be fine
+            print(
+                f"warning: cannot read data cache {self.path} ({e.strerror or e}); rendering",
+                file=sys.stderr,
+                flush=True,
+            )
+            return None
+        except (ValueError, KeyError, struct.error, RuntimeError) as e:
             bad = f"unreadable: {e}"
         if bad:
             self._set_aside(bad)
@@ -324,23 +338,32 @@ class DataCache:
         _write_json(os.path.join(tmp, "manifest.json"), {"key": self.key, "files": digests})
 
 
+TEMP_NAME = re.compile(r"\.tmp-[0-9a-f]{20}-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}")
+STALE_TEMP_S = 3600  # a render writes its temp dir in seconds to minutes
+
+
 def remove_dead_temps(root: str) -> list[str]:
     """Remove the temp dirs (`.tmp-<key>-<host>-<pid>-<id>`) that renders on this host left
-    when they were killed: their process is gone. Another host's, or a live process's, are left
-    alone (a render there may still be writing). Returns the names removed."""
-    host, removed = socket.gethostname(), []
+    when they were killed: named for this host, their process gone and untouched for an hour
+    (containers may share a host name but not their process ids). Another host's, or a live
+    process's, are left alone (a render there may still be writing). Returns the names
+    removed."""
+    host, removed, now = socket.gethostname(), [], time.time()
     try:
         names = os.listdir(root)
     except OSError:
         return removed
     for name in names:
-        parts = name.rsplit("-", 2)
-        if not name.startswith(".tmp-") or len(parts) != 3 or not parts[1].isdigit():
+        m = TEMP_NAME.fullmatch(name)
+        if m is None or m["host"] != host or _alive(int(m["pid"])):
             continue
-        prefix, pid = parts[0], int(parts[1])
-        if not prefix.endswith(f"-{host}") or prefix.count("-") < 2 or _alive(pid):
+        path = os.path.join(root, name)
+        try:
+            if now - os.path.getmtime(path) < STALE_TEMP_S:
+                continue
+        except OSError:
             continue
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
         removed.append(name)
     return removed
 
@@ -368,6 +391,9 @@ def open_split(directory: str, split: str, info: dict, keep_kinds: int) -> Examp
         reader.close()
     if not records == len(cached) == info["examples"] == len(cached.source):
         raise ValueError(f"{split}: {records} records for {info['examples']} examples")
+    if records:
+        cached[0]  # opens the file now (see CachedSplit.reader)
+        cached.reads = 0
     return Examples(
         cached.column("input_ids"),
         cached.column("loss_mask"),

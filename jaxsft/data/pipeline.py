@@ -61,7 +61,7 @@ class Datasets:
     # there: (train, eval, report without packing, drop lines), None once written or loaded.
     cache: Any = None
     unsaved: tuple | None = None
-    plans: dict = dataclasses.field(default_factory=dict)  # (seed, epoch) -> epoch_rows
+    plans: dict = dataclasses.field(default_factory=dict)  # (seed, epoch, ...) -> epoch_rows
 
 
 def build_datasets(config, tokenizer, *, strict: bool = True, show: int = 0) -> Datasets:
@@ -200,11 +200,11 @@ def _render_options(d) -> dict:
 def epoch_rows(data: Datasets, seed: int, epoch: int) -> list[list[int]]:
     """Rows (lists of example indices) of one training epoch, in training order; the last two
     plans are kept (the report, the step count and the iterator all ask for epoch 0)."""
-    key = (int(seed), int(epoch))
+    key = (int(seed), int(epoch), data.packing, data.max_length, data.mix_epoch, len(data.train))
     if key not in data.plans:
         while len(data.plans) >= 2:
             data.plans.pop(next(iter(data.plans)))
-        data.plans[key] = _plan_epoch(data, *key)
+        data.plans[key] = _plan_epoch(data, int(seed), int(epoch))
     return data.plans[key]
 
 
