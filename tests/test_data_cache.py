@@ -106,6 +106,10 @@ def test_second_build_loads_the_cache(tmp_path, files, tok, capsys):
     assert np.array_equal(split.lengths, first.train.lengths)
     ex = split[7]
     assert ex["where"] == first.train.where[7]
+    import grain  # the file is one grain reads natively
+
+    source = grain.sources.ArrayRecordDataSource([split.path])
+    assert len(source) == len(split) and cache_lib.decode_example(source[7])["where"] == ex["where"]
     assert np.array_equal(ex["input_ids"], first.train.input_ids[7])
     # settings that do not change rendering reuse the cache and recompute the packing section
     c.train.batch_size = 2

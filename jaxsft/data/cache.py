@@ -108,7 +108,7 @@ class CachedSplit:
         last = self._last
         if last[0] == i:
             return last[1]
-        ex = decode_example(self.reader()[i])
+        ex = decode_example(self.reader().read(i, i + 1)[0])
         if self.float_mask:
             ex["loss_mask"] = ex["loss_mask"].astype(np.float32)
         self.reads += 1
@@ -116,12 +116,19 @@ class CachedSplit:
         return ex
 
     def reader(self):
-        """The file's grain source, opened once: a run keeps reading the file it opened even
-        if the cache directory is moved meanwhile."""
-        if self._source is None:
-            import grain
+        """The file's ArrayRecord reader, opened once: a run keeps reading the file it opened
+        even if the cache directory is moved meanwhile.
 
-            self._source = grain.sources.ArrayRecordDataSource([self.path])
+        Records are read as the range [i, i+1). grain's ArrayRecordDataSource reads
+        `reader.read([i])`, whose cost grows with the number of records: 3.9 ms a record at
+        1M examples against 12 us for the range (one machine, same file), so it would make the
+        input pipeline the bottleneck of a large data set. The file stays one grain reads."""
+        if self._source is None:
+            from array_record.python import array_record_module as arm
+
+            self._source = arm.ArrayRecordReader(
+                self.path, options="readahead_buffer_size:0", file_reader_buffer_size=32768
+            )
         return self._source
 
     def column(self, name: str) -> Column:
