@@ -41,6 +41,7 @@ def assert_resumed(run_dir: str, reference: dict[int, float], out: str):
         assert got[s] == pytest.approx(reference[s], rel=2e-5), (s, reference[s], got[s])
 
 
+@pytest.mark.slow  # 40 s of subprocesses; CI runs it
 def test_two_processes_resume_in_one(demo_assets, reference, tmp_path):
     run_dir = str(tmp_path / "run")
     two_processes(demo_assets, run_dir, STOP_AT_3)
