@@ -168,13 +168,14 @@ class Checkpointer:
         abstract = jax.tree.map(_abstract, target_state)
         items = {"state": ocp.args.StandardRestore(abstract)}
         data_dir = epath.Path(checkpoint_dir(self.run_dir)) / str(step) / "data"
-        legacy = data_iter is not None and bool(list(data_dir.glob("process_*-of-*.json")))
-        json_item = data_iter is not None and not legacy
-        if json_item:
+        legacy = _grain_files(data_dir) if data_iter is not None else []
+        if data_iter is not None and not legacy:
             items["data"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         if data_iter is not None:
-            data_iter.set_state(restored["data"] if json_item else _grain_position(data_dir))
+            # grain's per-process files of earlier versions hold the same global position
+            # on every host, so any one of them serves any number of hosts
+            data_iter.set_state(json.loads(legacy[0].read_text()) if legacy else restored["data"])
         return restored["state"]
 
     def wait(self):
@@ -203,14 +204,10 @@ def _write_failures(where):
         raise rd.write_failed(cause or OSError(errno.ENOSPC, "No space left"), where) from None
 
 
-def _grain_position(data_dir) -> dict:
-    """The data position of a checkpoint written before it was one JSON item: grain's
-    per-process files (process_I-of-N.json). The position they hold is global (the same on
-    every host), so any one of them serves any number of hosts."""
-    files = sorted(data_dir.glob("process_*-of-*.json"))
-    if not files:
-        raise FileNotFoundError(f"{data_dir} holds no data position")
-    return json.loads(files[0].read_text())
+def _grain_files(data_dir) -> list:
+    """grain's per-process position files (process_I-of-N.json) of a checkpoint written before
+    the data position was one JSON item; [] for a checkpoint of this version."""
+    return sorted(data_dir.glob("process_*-of-*.json"))
 
 
 def _abstract(x):

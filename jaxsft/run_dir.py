@@ -255,8 +255,9 @@ def resume_changes(
 
 def data_fingerprint(examples) -> str:
     """sha256 over the rendered training examples (ids, masks, mixture), in file order: the same
-    files, tokenizer, template and data.* keys give the same fingerprint. Examples loaded from
-    the data cache carry the fingerprint computed when the cache was written."""
+    files, tokenizer, template and data.* keys give the same fingerprint. It is kept in
+    `examples.fingerprint` (computed once: the start reports it and the data cache stores it;
+    examples loaded from the cache carry the one computed when it was written)."""
     if getattr(examples, "fingerprint", None):
         return examples.fingerprint
     h = hashlib.sha256()
@@ -268,7 +269,10 @@ def data_fingerprint(examples) -> str:
         else:  # per-message loss weights: their values count
             h.update(b"w" + mask.astype("<f4").tobytes())
     h.update(json.dumps([float(w) for w in examples.weights]).encode())
-    return h.hexdigest()[:32]
+    digest = h.hexdigest()[:32]
+    if hasattr(examples, "fingerprint"):
+        examples.fingerprint = digest
+    return digest
 
 
 def saved_fingerprint(run_dir) -> str | None:

@@ -3,7 +3,6 @@ over an epoch whichever host reads which rows (data.mix_epoch)."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -145,11 +144,42 @@ def test_bad_mix_epoch_is_a_config_error(tmp_path, files, tok):
 
 
 def test_a_grain_position_of_an_earlier_version_is_read(tmp_path):
-    from etils import epath
+    """A checkpoint whose data item grain's own handler wrote (process_I-of-N.json, as
+    earlier versions saved it) restores through Checkpointer at its position."""
+    import grain
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
 
-    d = tmp_path / "data"
-    d.mkdir()
     state = {"epoch": 1, "step": 4, "examples": 33}
-    (d / "process_1-of-2.json").write_text(json.dumps(state, indent=4))
-    (d / "process_0-of-2.json").write_text(json.dumps(state, indent=4))
-    assert checkpoint._grain_position(epath.Path(d)) == state
+
+    class Position(grain.DatasetIterator):
+        def __init__(self, state):
+            super().__init__()
+            self.state = state
+
+        def __next__(self):
+            raise StopIteration
+
+        def get_state(self):
+            return dict(self.state)
+
+        def set_state(self, state):
+            self.state = dict(state)
+
+    run_dir = tmp_path / "run"
+    os.makedirs(checkpoint.checkpoint_dir(str(run_dir)))
+    ckpt = checkpoint.Checkpointer(str(run_dir), use_async=False)
+    train_state = {"w": jnp.arange(3.0)}
+    items = {
+        "state": ocp.args.StandardSave(train_state),
+        "data": grain.checkpoint.CheckpointSave(Position(state)),
+    }
+    ckpt.manager.save(3, args=ocp.args.Composite(**items))
+    ckpt.wait()
+    data_dir = run_dir / "checkpoints" / "3" / "data"
+    assert [f.name for f in data_dir.iterdir() if f.name.startswith("process_")]
+    restored = Position({})
+    got = ckpt.restore(3, train_state, restored)
+    assert restored.state == state
+    assert list(got["w"]) == [0.0, 1.0, 2.0]
+    ckpt.close()

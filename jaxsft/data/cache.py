@@ -389,18 +389,9 @@ def open_split(directory: str, split: str, info: dict, keep_kinds: int) -> Examp
     """Examples of a cached split whose token columns stay on disk: only the lengths and
     sources are read now (and the kinds of the first keep_kinds examples, for --show)."""
     cached = CachedSplit(directory, split, float_mask=info["mask_dtype"] == "float32")
-    from array_record.python import array_record_module as arm
-
-    reader = arm.ArrayRecordReader(cached.path)
-    try:
-        records = reader.num_records()
-    finally:
-        reader.close()
+    records = cached.reader().num_records()  # opens the file now (see CachedSplit.reader)
     if not records == len(cached) == info["examples"] == len(cached.source):
         raise ValueError(f"{split}: {records} records for {info['examples']} examples")
-    if records:
-        cached[0]  # opens the file now (see CachedSplit.reader)
-        cached.reads = 0
     return Examples(
         cached.column("input_ids"),
         cached.column("loss_mask"),

@@ -84,13 +84,7 @@ def build_datasets(config, tokenizer, *, strict: bool = True, show: int = 0) -> 
     if not readers.parse_sources(d.train):
         raise UserError("data.train is not set", where="config", hint="point it to a data file")
     opts = _render_options(d)
-    mix_epoch = d.get("mix_epoch", "sum")
-    if mix_epoch not in readers.MIX_EPOCHS:
-        raise UserError(
-            f"data.mix_epoch={mix_epoch!r}",
-            where="config",
-            hint="use one of " + ", ".join(f'"{c}"' for c in readers.MIX_EPOCHS),
-        )
+    mix_epoch = _choice(d, "mix_epoch", "sum", readers.MIX_EPOCHS)
     if int(d.get("workers", 0)) < 0:
         raise UserError(f"data.workers={d.workers}", where="config", hint="0 (cores) or more")
     cache = cache_lib.DataCache.for_config(config, tokenizer, opts)
@@ -179,19 +173,23 @@ def _print_drops(lines: list[str]) -> None:
 
 def _render_options(d) -> dict:
     """data.on_invalid / data.on_drop / data.turns, checked."""
-    opts = {
+    return {
         "on_invalid": d.on_invalid,
-        "on_drop": d.get("on_drop", "auto"),
-        "turns": d.get("turns", "all"),
+        "on_drop": _choice(d, "on_drop", "auto", formats.DROP_POLICIES),
+        "turns": _choice(d, "turns", "all", formats.TURN_MODES),
     }
-    for key, choices in (("on_drop", formats.DROP_POLICIES), ("turns", formats.TURN_MODES)):
-        if opts[key] not in choices:
-            raise UserError(
-                f"data.{key}={opts[key]!r}",
-                where="config",
-                hint="use one of " + ", ".join(f'"{c}"' for c in choices),
-            )
-    return opts
+
+
+def _choice(d, key: str, default: str, choices) -> str:
+    """data.<key> (default when unset), a UserError unless it is one of choices."""
+    value = d.get(key, default)
+    if value not in choices:
+        raise UserError(
+            f"data.{key}={value!r}",
+            where="config",
+            hint="use one of " + ", ".join(f'"{c}"' for c in choices),
+        )
+    return value
 
 
 # --------------------------------------------------------------------------------------------
