@@ -293,6 +293,22 @@ def test_missing_config_and_url_run_dir_exit_2(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # SLURM
 # ---------------------------------------------------------------------------------------------
+def test_slurm_out_never_replaces_a_file_it_did_not_write(run_py, tmp_path, capsys):
+    mine = tmp_path / "notes.sh"
+    mine.write_text("#!/bin/bash\necho my own script\n")
+    for target in (str(mine), run_py):  # also the run config itself
+        before = open(target).read()
+        with pytest.raises(SystemExit) as e:
+            launch_main(["slurm", "--config", run_py, "--out", target])
+        assert e.value.code == 2 and "did not write" in capsys.readouterr().err
+        assert open(target).read() == before
+    out = tmp_path / "train.sbatch"
+    assert launch_main(["slurm", "--config", run_py, "--out", str(out)]) == 0
+    first = out.read_text()
+    assert launch_main(["slurm", "--config", run_py, "--nodes", "2", "--out", str(out)]) == 0
+    assert out.read_text() != first and "--nodes=2" in out.read_text()  # its own: rewritten
+
+
 def test_sbatch_script_one_process_per_gpu(run_py):
     s = slurm_lib.sbatch_script(
         slurm_lib.SlurmJob(

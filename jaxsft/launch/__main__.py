@@ -123,6 +123,25 @@ def tpu_vm(args, overrides) -> int:
     return loop()
 
 
+def check_out(path: str) -> None:
+    """--out may replace only a script this command wrote (its "# jaxsft:" summary line
+    follows the #SBATCH lines); any other existing file is the user's and is refused."""
+    if not os.path.lexists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.read(4096)
+    except (OSError, UnicodeDecodeError):
+        head = ""
+    if not (head.startswith("#!/bin/bash\n#SBATCH ") and "\n# jaxsft: " in head):
+        raise UserError(
+            "--out names an existing file that this command did not write",
+            where=path,
+            hint="choose a new file name for the sbatch script (it is never written over "
+            "another file), or print it to stdout without --out",
+        )
+
+
 def slurm(args, overrides) -> int:
     from jaxsft.launch import slurm as slurm_lib
 
@@ -146,6 +165,7 @@ def slurm(args, overrides) -> int:
     if args.out:
         from jaxsft import run_dir as rd
 
+        check_out(args.out)
         rd.atomic_write(args.out, script)
         print(f"wrote {args.out}: submit it with `sbatch {args.out}`", file=sys.stderr)
     else:
