@@ -121,3 +121,12 @@ def test_summary_ratio_and_bad_arguments():
         bench.parse_args(["--stray"])
     args, overrides = bench.parse_args(["--config.model.remat=full"])
     assert args.names == bench.DEFAULT.split(",") and overrides == ["--config.model.remat=full"]
+
+
+def test_json_never_replaces_a_file_it_did_not_write(tmp_path):
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"my": "data"}')
+    argv = [sys.executable, str(REPO / "tools" / "bench_accel.py"), "--smoke", "--json", str(mine)]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "did not write" in p.stderr
+    assert mine.read_text() == '{"my": "data"}'

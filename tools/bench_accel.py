@@ -133,6 +133,8 @@ def parse_args(argv):
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         ap.error(f"unrecognized arguments: {' '.join(bad)}")
+    if args.json and not args.one and not _own_result(args.json):
+        ap.error(f"--json {args.json}: an existing file this tool did not write; name a new one")
     names = (args.configs or (SMOKE if args.smoke else DEFAULT)).split(",")
     unknown = [n for n in names if not known(n)]
     if unknown:
@@ -490,6 +492,18 @@ def summary(rows: list[dict]) -> dict:
     if one:
         out["1b_full_2048_mfu"] = one["mfu"]
     return out
+
+
+def _own_result(path: str) -> bool:
+    """True when --json may be written: no file there yet, or a result this tool wrote."""
+    if not os.path.lexists(path):
+        return True
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(old, dict) and {"configs", "summary", "steps"} <= set(old)
 
 
 def main(argv=None) -> int:

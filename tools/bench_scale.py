@@ -181,7 +181,13 @@ def main():
         "--keep-cache", action="store_true", help="measure warm starts on an existing cache"
     )
     args = ap.parse_args()
+    # --work is this tool's: it deletes the runs and caches it made there between runs, so a
+    # directory it did not create (no marker file) is refused
+    marker = os.path.join(args.work, ".bench_scale")
+    if os.path.exists(args.work) and os.listdir(args.work) and not os.path.exists(marker):
+        ap.error(f"--work {args.work} exists and was not made by this tool; name a new one")
     os.makedirs(args.work, exist_ok=True)
+    open(marker, "a").close()
     model = make_assets(args.work)
     # a priming run fills the persistent compilation cache (the shapes are the same for
     # every size), as a pod's restarts have it; its own numbers are not reported
