@@ -24,14 +24,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 
-ON_INVALID = "error"  # --on-invalid: "skip" for templates that refuse some synthetic rows
-
-
-def config(train: str, cache_dir: str, workers: int):
+def config(train: str, cache_dir: str, workers: int, on_invalid: str):
     from jaxsft.configs.base import get_config
 
     c = get_config()
-    c.data.on_invalid = ON_INVALID
+    c.data.on_invalid = on_invalid
     c.run_dir = os.path.join(cache_dir, "run")
     c.data.train, c.data.max_length, c.data.cache_dir = train, 1024, cache_dir
     c.data.workers = workers
@@ -44,14 +41,14 @@ def timed(fn, *args):
     return out, time.perf_counter() - t0
 
 
-def bench(tok, name: str, train: str, workers: list[int], tmp: str) -> list[dict]:
+def bench(tok, name: str, train: str, workers: list[int], tmp: str, on_invalid: str) -> list[dict]:
     from jaxsft.data import cache_key, pipeline, splits
 
     splits.MIN_TASKS_PER_WORKER = 1  # measure the workers even where they do not pay off
     rows = []
     for w in workers:
         cache_dir = os.path.join(tmp, f"cache_{name}_{w}")
-        c = config(train, cache_dir, w)
+        c = config(train, cache_dir, w, on_invalid)
         opts = pipeline._render_options(c.data)
         (ex, _), render_s = timed(splits.load_split, train, tok, 1024, opts, 0, w)
         _, key_s = timed(cache_key.components, c, tok, opts)
@@ -88,8 +85,6 @@ def main():
     ap.add_argument("--model", default="", help="a checkpoint dir whose tokenizer to use")
     ap.add_argument("--on-invalid", default="error", choices=["error", "skip"])
     args = ap.parse_args()
-    global ON_INVALID
-    ON_INVALID = args.on_invalid
     workers = [int(x) for x in args.workers.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         train = os.path.join(tmp, "train.jsonl")
@@ -109,7 +104,7 @@ def main():
             toks = {t: make_tokenizer(t, tmp) for t in args.templates.split(",")}
         rows = []
         for name, tok in toks.items():
-            rows += bench(tok, name, train, workers, tmp)
+            rows += bench(tok, name, train, workers, tmp, args.on_invalid)
     cols = list(rows[0])
     print("\n" + " | ".join(cols))
     for r in rows:

@@ -117,11 +117,8 @@ CHUNK = 100_000  # rows generated at a time for large --n (duplicates are drawn 
 
 
 def generate_chunks(n: int, seed: int):
-    """`generate(n, seed)` for n <= CHUNK; beyond, chunks of CHUNK rows with seeds seed, seed +
-    1, ... (so a million rows never sit in memory at once)."""
-    if n <= CHUNK:
-        yield generate(n, seed)
-        return
+    """`generate(n, seed)` in chunks of CHUNK rows with seeds seed, seed + 7919, ... (one chunk,
+    the same rows as generate(n, seed), for n <= CHUNK; a million rows never sit in memory)."""
     for k, lo in enumerate(range(0, n, CHUNK)):
         yield generate(min(CHUNK, n - lo), seed + 7919 * k)
 
