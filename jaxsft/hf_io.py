@@ -263,14 +263,23 @@ def _load_quantized(reader, entry: Entry, node, mesh):
     kind = quant.kind_of(node["codes"].get_value().dtype)
     shape = quant.kernel_shape(kind, tuple(node["codes"].get_value().shape))
     region = _region_reader(reader, entry, shape, np.float32)
+    done = {}  # region read -> (codes, scales): shards that need the same rows (the codes and
+    # scales of one device; every fsdp shard of an int8 kernel's codes) read and quantise once
+
+    def quantized(index):
+        key = tuple((sl.start, sl.stop, sl.step) for sl in index)
+        if key not in done:
+            done[key] = quant.quantize(kind, region(index))
+        return done[key]
+
     for name in ("codes", "scale"):
         var = node[name]
         stored = tuple(var.get_value().shape)
-        shard = functools.partial(_quantized_shard, kind, name, shape[-2], stored[-2], region)
+        shard = functools.partial(_quantized_shard, kind, name, shape[-2], stored[-2], quantized)
         var.set_value(jax.make_array_from_callback(stored, _sharding(var, mesh), shard))
 
 
-def _quantized_shard(kind, name, d_in, rows, region, index):
+def _quantized_shard(kind, name, d_in, rows, quantized, index):
     """One shard (index: slices over the stored codes or scales, `rows` rows along the input
     axis) of a kernel with d_in inputs: its output channels and, for nf4, the whole 64-input
     blocks around its rows are read and quantised (int8's per-channel scales need them all)."""
@@ -280,8 +289,8 @@ def _quantized_shard(kind, name, d_in, rows, region, index):
     if kind == "nf4":
         a = lo * per_row // quant.NF4_BLOCK * quant.NF4_BLOCK
         b = -(-hi * per_row // quant.NF4_BLOCK) * quant.NF4_BLOCK
-    w = region((*index[:-2], slice(a, b), index[-1]))
-    out = quant.quantize_scales(kind, w) if name == "scale" else quant.quantize(kind, w)[0]
+    codes, scales = quantized((*index[:-2], slice(a, b), index[-1]))
+    out = scales if name == "scale" else codes
     first = a // per_row if kind == "nf4" else 0
     return out[..., lo - first : hi - first, :]
 
