@@ -323,7 +323,7 @@ def fit_full_8b(config, overrides, workdir, name, info):
 def steady_state(s, batch) -> bool:
     """Give the state the dtypes the step returns, so that one compile serves every step
     (True when they differ, and the trainer's jit would compile twice: its second step would
-    compile again for the new dtypes). setup.moment_dtypes makes AdamW's moments float32 for
+    compile again for the new dtypes). optim.moment_dtypes makes AdamW's moments float32 for
     every parameter dtype, so this is False unless a change breaks that."""
     import jax
 

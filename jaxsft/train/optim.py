@@ -51,7 +51,32 @@ def make_optimizer(train_cfg, total_steps: int):
             mask=_mask_fn,
         )
     )
-    return optax.chain(*parts), schedule
+    adamw = optax.chain(*parts)
+
+    def init(params):  # the moments in float32 (moment_dtypes)
+        return adamw.init(moment_dtypes(params))
+
+    return optax.GradientTransformation(init, adamw.update), schedule
+
+
+def moment_dtypes(params):
+    """What AdamW's moments are built from: float32 for every floating parameter.
+
+    The gradients are float32 whatever the parameter dtype (the division by the token count
+    promotes them), so moments of bf16 parameters became float32 after the first step anyway;
+    built bf16, the step's state changed dtype on its first call, and the step was compiled
+    twice (and the planner counted half their bytes). Leaves without a dtype (optax's
+    placeholders in tree_map_params) pass through."""
+
+    def f32(p):
+        dtype = getattr(p, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating) or dtype == jnp.float32:
+            return p
+        if isinstance(p, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(p.shape, jnp.float32, sharding=p.sharding)
+        return p.astype(jnp.float32)
+
+    return jax.tree.map(f32, params)
 
 
 def _mask_fn(params):

@@ -122,7 +122,7 @@ def opt_state_shardings(tx, params, replicated):
     """(abstract optimizer state, its shardings): each moment sharded like its parameter,
     counts replicated. params may be arrays or ShapeDtypeStructs with shardings."""
     param_sh = jax.tree.map(lambda x: x.sharding, params)
-    abstract = jax.eval_shape(lambda p: tx.init(moment_dtypes(p)), params)
+    abstract = jax.eval_shape(tx.init, params)
     opt_sh = optax.tree_map_params(
         tx, lambda _, sh: sh, abstract, param_sh, transform_non_params=lambda _: replicated
     )
@@ -132,25 +132,7 @@ def opt_state_shardings(tx, params, replicated):
 def init_opt_state(tx, params, replicated):
     """Optimizer state with each moment sharded like its parameter (counts replicated)."""
     _, opt_sh = opt_state_shardings(tx, params, replicated)
-    return jax.jit(lambda p: tx.init(moment_dtypes(p)), out_shardings=opt_sh)(params)
-
-
-def moment_dtypes(params):
-    """What the optimizer's moments are built from: float32 for every floating parameter.
-
-    The gradients are float32 whatever the parameter dtype (the division by the token count
-    promotes them), so AdamW's moments of bf16 parameters became float32 after the first step
-    anyway; built bf16, the step's state changed dtype on its first call, and the step was
-    compiled twice (and the planner counted half their bytes)."""
-
-    def f32(p):
-        if not jnp.issubdtype(p.dtype, jnp.floating) or p.dtype == jnp.float32:
-            return p
-        if isinstance(p, jax.ShapeDtypeStruct):
-            return jax.ShapeDtypeStruct(p.shape, jnp.float32, sharding=p.sharding)
-        return p.astype(jnp.float32)
-
-    return jax.tree.map(f32, params)
+    return jax.jit(tx.init, out_shardings=opt_sh)(params)
 
 
 def router_aux_coef(config, model_cfg) -> float:
