@@ -60,13 +60,18 @@ def float32_logits(model: nnx.Module, ids: np.ndarray) -> np.ndarray:
         return host_array(_forward(graphdef, state, ids)).astype(np.float32)
 
 
+def model_mesh(model: nnx.Module):
+    """The mesh `model` is sharded on (its embedding's), or None when it is not."""
+    sharding = getattr(model.embed_tokens.embedding[...], "sharding", None)
+    return sharding.mesh if isinstance(sharding, NamedSharding) else None
+
+
 def reload_mesh(model: nnx.Module):
     """The mesh to reload an export on: the model's own on one host, else this host's devices."""
     from jaxsft.sharding import make_mesh
 
-    sharding = getattr(model.embed_tokens.embedding[...], "sharding", None)
     if jax.process_count() == 1:
-        return sharding.mesh if isinstance(sharding, NamedSharding) else None
+        return model_mesh(model)
     return make_mesh(1, -1, 1, devices=jax.local_devices())
 
 

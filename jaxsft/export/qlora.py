@@ -9,11 +9,11 @@ against that model, not against the quantised one.
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 from flax import nnx
 
 from jaxsft.errors import UserError
+from jaxsft.export.check import model_mesh
 from jaxsft.export.targets import setting
 from jaxsft.hf_io import DTYPES, load_hf
 from jaxsft.models.lora import LoraConfig, trainable
@@ -45,13 +45,11 @@ def full_precision(model: nnx.Module, lora: LoraConfig | None, config) -> nnx.Mo
         raise UserError("the merged export of a QLoRA run re-reads model.path", where="model.path")
     cfg = model.cfg
     name = str(cfg.source_dtype).removeprefix("torch.")
-    sharding = model.embed_tokens.embedding[...].sharding
-    mesh = sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
     full, _ = load_hf(
         base,
         dtype=np.dtype(model.dtype).name,
         param_dtype=name if name in DTYPES else "float32",
-        mesh=mesh,
+        mesh=model_mesh(model),
         lora=lora,
         remat=model.remat,
         attention_impl=model.attention_impl,
