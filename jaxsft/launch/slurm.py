@@ -12,6 +12,7 @@ import re
 import shlex
 
 from jaxsft.errors import EXIT_SIGNAL, UserError
+from jaxsft.launch import check_env
 
 PER = ("gpu", "node")
 
@@ -34,17 +35,13 @@ class SlurmJob:
 
 
 def check_job(job: SlurmJob) -> None:
-    if not os.path.isfile(job.config):
-        raise UserError("config file not found", where=job.config, hint="pass --config RUN.py")
     if job.nodes < 1 or job.gpus_per_node < 1:
         raise UserError("--nodes and --gpus-per-node must be >= 1")
     if job.per not in PER:
         raise UserError(f"--per must be one of {PER}, got {job.per!r}", where="--per")
     if job.time and not re.fullmatch(r"([0-9]+-)?[0-9]{1,2}:[0-9]{2}:[0-9]{2}", job.time):
         raise UserError(f"bad --time {job.time!r}", where="--time", hint="HH:MM:SS or D-HH:MM:SS")
-    for item in job.env:
-        if "=" not in item:
-            raise UserError(f"--env wants KEY=VALUE, got {item!r}", where="--env")
+    check_env(job.env)
 
 
 def sbatch_script(job: SlurmJob) -> str:

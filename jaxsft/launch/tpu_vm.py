@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Callable
 
 from jaxsft.errors import UserError
+from jaxsft.launch import check_env
 
 # TPU software versions per generation (cloud.google.com/tpu/docs/runtimes).
 RUNTIMES = {
@@ -97,11 +98,7 @@ def check_job(job: TpuJob) -> None:
             hint="lowercase letters, digits and hyphens, starting with a letter",
         )
     parse_accelerator(job.accelerator)
-    if not os.path.isfile(job.config):
-        raise UserError("config file not found", where=job.config, hint="pass --config RUN.py")
-    for item in job.env:
-        if "=" not in item:
-            raise UserError(f"--env wants KEY=VALUE, got {item!r}", where="--env")
+    check_env(job.env)
 
 
 # ---------------------------------------------------------------------------------------------
