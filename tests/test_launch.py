@@ -101,6 +101,14 @@ def test_train_command_runs_main_under_the_distributed_runtime(run_py):
     assert command.endswith("| tee -a train.log; exit ${PIPESTATUS[0]}")
 
 
+def test_the_wheel_of_a_source_tree_is_named_by_that_tree_s_version(run_py, tmp_path):
+    tree = tmp_path / "checkout"
+    tree.mkdir()
+    (tree / "pyproject.toml").write_text('[project]\nname = "jaxsft"\nversion = "2.3.4"\n')
+    local, remote = tpu.provision_cmds(job(run_py, install=str(tree)), "0.1.0")
+    assert remote[1][3:6] == ["tpu-vm", "scp", f"{tpu.DIST_DIR}/jaxsft-2.3.4-py3-none-any.whl"]
+
+
 def test_provision_from_a_source_tree_builds_and_copies_the_wheel(run_py, tmp_path):
     local, remote = tpu.provision_cmds(
         job(run_py, install=str(tmp_path), setup=("echo hi",)), "9.9"

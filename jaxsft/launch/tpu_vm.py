@@ -147,10 +147,22 @@ def package_steps(job: TpuJob, version: str) -> tuple[list[list[str]], str]:
     """(local commands that make the package to copy, the pip requirement on the workers)."""
     spec = job.install
     if os.path.isdir(spec):  # a source tree: build its wheel here, copy it
-        wheel = os.path.join(DIST_DIR, wheel_name(version))
+        wheel = os.path.join(DIST_DIR, wheel_name(tree_version(spec) or version))
         build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w"]
         return [[*build, os.path.dirname(wheel), spec]], wheel
     return [], spec
+
+
+def tree_version(directory: str) -> str | None:
+    """[project].version of the source tree's pyproject.toml (the wheel it builds is named by
+    it, not by the jaxsft running the launcher), or None when it has none."""
+    import tomllib
+
+    try:
+        with open(os.path.join(directory, "pyproject.toml"), "rb") as f:
+            return str(tomllib.load(f)["project"]["version"])
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def provision_cmds(job: TpuJob, version: str) -> tuple[list[list[str]], list[list[str]]]:
