@@ -212,24 +212,15 @@ def random_tree(tree, seed: int):
 def train_setup(config, mesh):
     """`setup.build_model_state` with random weights: the abstract run state of the planner
     (same split, shardings and optimizer), made concrete on the devices."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from jaxsft import plan_memory
     from jaxsft.train import setup as setup_lib
 
     s = plan_memory.abstract_setup(config, mesh)
-    params = random_tree(s.state["params"], 0)
+    s.state = setup_lib.initial_state(s.tx, random_tree(s.state["params"], 0), mesh, 0)
     s.frozen = random_tree(s.frozen, 1)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    s.state = {
-        "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
-        "params": params,
-        "opt_state": setup_lib.init_opt_state(s.tx, params, replicated),
-        "rng": jax.device_put(jax.random.key_data(jax.random.key(0)), replicated),
-    }
-    s.ref = None
+    if s.ref is not None:  # train.kl_to_base: the reference copy the step reads
+        s.ref = random_tree(s.ref, 2)
     return s
 
 

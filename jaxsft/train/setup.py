@@ -98,13 +98,7 @@ def build_model_state(config, mesh=None, total_steps: int = 1) -> TrainSetup:
     graphdef, params, frozen = split_trainable(model, lora)
     ref = kl_reference(config, lora, params)
     tx, schedule = make_optimizer(config.train, total_steps)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    state = {
-        "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
-        "params": params,
-        "opt_state": init_opt_state(tx, params, replicated),
-        "rng": jax.device_put(jax.random.key_data(jax.random.key(config.train.seed)), replicated),
-    }
+    state = initial_state(tx, params, mesh, config.train.seed)
     return TrainSetup(
         mesh=mesh,
         model_cfg=model_cfg,
@@ -116,6 +110,17 @@ def build_model_state(config, mesh=None, total_steps: int = 1) -> TrainSetup:
         tx=tx,
         schedule=schedule,
     )
+
+
+def initial_state(tx, params, mesh, seed: int) -> dict:
+    """The train state at step 0: params, fresh optimizer state sharded like them, the RNG."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return {
+        "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        "params": params,
+        "opt_state": init_opt_state(tx, params, replicated),
+        "rng": jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated),
+    }
 
 
 def opt_state_shardings(tx, params, replicated):
