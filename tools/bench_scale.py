@@ -136,7 +136,9 @@ def run(
         with open(os.path.join(work, f"{name}.log")) as f:
             (line,) = [x for x in f if x.startswith("DATA ")]
         return {**json.loads(line[5:]), "peak_rss_mib": rss}
-    rows = [json.loads(x) for x in open(metrics) if '"loss"' in x]
+    from jaxsft.metrics import read_rows
+
+    rows = [r for r in read_rows(metrics) if "loss" in r]
     later = rows[1:] or rows
     return {
         "first_step_s": round(first if first is not None else wall, 2),
